@@ -66,7 +66,7 @@ class Args:
     capture_video: bool = opt(False, "save each evaluation's best game to videos/ as MP4")
     # The machine
     env: str = opt("ALE/Breakout-v5", "Gymnasium id of any ALE game")
-    envs: int = opt(min(8, os.cpu_count() or 1), "games stepped together; 1 steps one gym.make environment")
+    envs: int = opt(min(max(8, os.cpu_count() or 1), 64), "games stepped together; 1 steps one gym.make environment")
     device: str = opt("auto", "where to learn and keep the replay memory", choices=["auto", "cpu", "cuda", "mps"])
     threads: int = opt(0, "CPU threads for torch (0: the number of cores)")
     seed: Optional[int] = opt(None, "random seed (default: drawn at random and written to config.json)")
@@ -226,6 +226,7 @@ class OneGame:
 
     def set_state(self, state: dict) -> None:
         import ale_py
+        self.env.reset(seed=0)  # Gymnasium refuses step() before a reset; the restore below overrides it
         self.ale.restoreState(ale_py.ALEState(state["emulator"].tobytes()))
         self.seeds.bit_generator.state = state["seeds"]
 
@@ -337,37 +338,50 @@ class ReplayMemory:
             table[at] = torch.as_tensor(values, device=self.device).to(table.dtype)
         self.stored += len(game)
 
+    def _window(self, game: torch.Tensor, newest: torch.Tensor, length: int):
+        """Frames and game-start flags of `length` consecutive slots per game, newest first: (B, length, ...)."""
+        slots = (newest.unsqueeze(1) - torch.arange(length, device=self.device)) % self.slots
+        flat = (slots * self.games + game.unsqueeze(1)).view(-1)
+        frames = self.frames.view(-1, SIZE * SIZE).index_select(0, flat).view(-1, length, SIZE, SIZE)
+        return frames, self.game_start.view(-1)[flat].view(-1, length)
+
+    @staticmethod
+    def _clear_before_game_start(frames: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """Zero every frame older than the first frame of its state's game."""
+        starts = starts.to(torch.int32)
+        older_than_start = (torch.cumsum(starts, dim=1) - starts) > 0
+        return frames.masked_fill_(older_than_start.view(*starts.shape, 1, 1), 0)
+
     def stacks(self, game: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """(B,) games and newest slots to (B, depth, 84, 84) uint8 stacks, zeros before a game's start."""
-        slots = (slot.unsqueeze(1) - torch.arange(self.depth, device=self.device)) % self.slots  # (B, depth)
-        games = game.unsqueeze(1).expand_as(slots)
-        starts = self.game_start[slots, games]
-        # Frame k is kept while none of the frames newer than it began a game.
-        crossed = torch.cumsum(starts.to(torch.int32), dim=1) - starts.to(torch.int32)
-        return self.frames[slots, games] * (crossed == 0).view(*slots.shape, 1, 1)
+        return self._clear_before_game_start(*self._window(game, slot, self.depth))
 
     def sample(self, batch_size: int, generator: torch.Generator):
         """Uniform batch: states, actions, rewards, next states, has_next; all on the device."""
         i = torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
-        game, slot = self.game[i], self.slot[i]
-        return (self.stacks(game, slot), self.action[i], self.reward[i], self.stacks(game, slot + 1),
-                self.has_next[i])
+        # A state and its next state share depth - 1 frames: gather depth + 1 slots once.
+        frames, starts = self._window(self.game[i], self.slot[i] + 1, self.depth + 1)
+        next_states = self._clear_before_game_start(frames[:, :-1].clone(), starts[:, :-1])
+        states = self._clear_before_game_start(frames[:, 1:], starts[:, 1:])
+        return states, self.action[i], self.reward[i], next_states, self.has_next[i]
 
     def arrays(self) -> dict:
-        """Everything needed to rebuild the memory, as NumPy arrays (for checkpoints)."""
-        return dict(frames=self.frames.cpu().numpy(), game_start=self.game_start.cpu().numpy(),
-                    game=self.game.cpu().numpy(), slot=self.slot.cpu().numpy(),
-                    action=self.action.cpu().numpy(), reward=self.reward.cpu().numpy(),
-                    has_next=self.has_next.cpu().numpy(),
+        """Everything needed to rebuild the memory, as NumPy arrays (for checkpoints). Only the part
+        written so far is kept, so an early checkpoint is small."""
+        used_slots, used = min(self.frames_written, self.slots), len(self)
+        tables = {name: getattr(self, name)[:used].cpu().numpy()
+                  for name in ("game", "slot", "action", "reward", "has_next")}
+        return dict(frames=self.frames[:used_slots].cpu().numpy(),
+                    game_start=self.game_start[:used_slots].cpu().numpy(), **tables,
                     counters=np.array([self.frames_written, self.stored], dtype=np.int64))
 
     def load_arrays(self, arrays: dict) -> None:
         for name in ("frames", "game_start", "game", "slot", "action", "reward", "has_next"):
-            target = getattr(self, name)
-            if tuple(arrays[name].shape) != tuple(target.shape):
-                raise UserError(f"the checkpoint's replay memory has {name} of shape {arrays[name].shape}, "
-                                f"this run needs {tuple(target.shape)}")
-            target.copy_(torch.from_numpy(np.asarray(arrays[name])))
+            target, source = getattr(self, name), arrays[name]
+            if source.shape[1:] != target.shape[1:] or len(source) > len(target):
+                raise UserError(f"the checkpoint's replay memory has {name} of shape {source.shape}, which "
+                                f"does not fit this run's {tuple(target.shape)}")
+            target[:len(source)].copy_(torch.from_numpy(np.ascontiguousarray(source)))
         self.frames_written, self.stored = (int(x) for x in arrays["counters"])
 
 
@@ -416,7 +430,8 @@ class DuelingNetwork(nn.Module):
 
 
 def as_input(stacks: torch.Tensor) -> torch.Tensor:
-    return stacks.float().div_(255.0)
+    """uint8 stacks to the network's input: floats in [0, 1], channels-last (faster convolutions on CPU)."""
+    return stacks.float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 
 def load_network(path: str, device: torch.device) -> DuelingNetwork:
@@ -686,7 +701,7 @@ def write_atomically(path: Path, write, text: bool = False) -> None:
 
 
 def save_snapshot(net: nn.Module, path: Path) -> None:
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     write_atomically(path, lambda f: torch.save(state, f))
 
 
@@ -848,7 +863,7 @@ def describe(args: Args, device: torch.device, replay_bytes: int) -> str:
 # ---------------------------------------------------------------------------------------------------
 # The training loop.
 # ---------------------------------------------------------------------------------------------------
-def train(args: Args, given: set) -> None:
+def train(args: Args, given: set) -> dict:
     from tqdm import tqdm
 
     check_args(args)
@@ -864,6 +879,8 @@ def train(args: Args, given: set) -> None:
     check_memory_fits(replay_bytes, device)
     print(describe(args, device, replay_bytes), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in (run_dir / "resume").glob(".tmp-*"):  # a save that was killed part-way
+        shutil.rmtree(leftover, ignore_errors=True)
     if checkpoint is None:
         config = dict(env=args.env, frames=args.frames, n_actions=n_actions, args=dataclasses.asdict(args))
         write_atomically(run_dir / "config.json", lambda f: f.write(json.dumps(config, indent=1)), text=True)
@@ -874,8 +891,8 @@ def train(args: Args, given: set) -> None:
     erase_rng = None if args.no_random_erasing else rng
     sampler = torch.Generator(device=device)          # replay sampling, on the device
     sampler.manual_seed(args.seed)
-    policy = DuelingNetwork(args.frames, n_actions).to(device)
-    target = DuelingNetwork(args.frames, n_actions).to(device)
+    policy = DuelingNetwork(args.frames, n_actions).to(device, memory_format=torch.channels_last)
+    target = DuelingNetwork(args.frames, n_actions).to(device, memory_format=torch.channels_last)
     target.load_state_dict(policy.state_dict())
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, amsgrad=True)
     replay = ReplayMemory(args.memory, n, args.frames, args.frames, device)
@@ -1094,6 +1111,7 @@ def train(args: Args, given: set) -> None:
             save_full_checkpoint()
             last_checkpoint = time.time()
     bar.close()
+    summary = dict(c, session_seconds=time.time() - session_start, replay_bytes=replay_bytes, run_dir=str(run_dir))
 
     if not budget_left():
         save_snapshot(target, run_dir / f"{c['episodes']}.pth")
@@ -1107,6 +1125,7 @@ def train(args: Args, given: set) -> None:
     else:
         print(f"done: {c['episodes']} episodes, {c['steps']} agent steps, {c['updates']} updates in "
               f"{elapsed() / 60:.1f} minutes; snapshot {run_dir / (str(c['episodes']) + '.pth')}")
+    return summary
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,179 @@
+"""Stopping and resuming: exact continuation, signals, damaged checkpoints, refused recipe changes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_breakout as tb  # noqa: E402
+
+# Learning from the 100th stored transition, a small memory that wraps, an evaluation and a snapshot on the
+# way: every part of the state takes part.
+RECIPE = ["--envs", "1", "--seed", "3", "--memory", "300", "--batch-size", "32", "--learn-start", "100",
+          "--eval-every", "1500", "--eval-games", "1", "--save-every", "20", "--plot-every", "15",
+          "--device", "cpu", "--threads", "1"]
+
+
+def train(run: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, str(ROOT / "train_breakout.py"), "--checkpoints", str(run), *RECIPE, *flags],
+                       capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr[-2000:]
+    return p
+
+
+def start(run: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train_breakout.py"), "--checkpoints", str(run), *RECIPE,
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_games(run: Path, games: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until the run has logged `games` finished games (so it is mid-run, learning)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        metrics = run / "metrics.csv"
+        if metrics.exists() and metrics.read_text().count("\ngame,") >= games:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run logged no games in time")
+
+
+def final_checkpoint(run: Path) -> Path:
+    return sorted((run / "resume").iterdir())[-1]
+
+
+def score_rows(run: Path) -> list:
+    with open(run / "metrics.csv") as f:
+        return [(r["kind"], r["step"], r["episode"], r["score"], r["loss"], r["mean_q"]) for r in csv.DictReader(f)]
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(straight, "--steps", "3000")
+
+    proc = start(stopped, "--steps", "3000")
+    wait_for_games(stopped, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "--resume" in out  # it says how to continue
+    first_stop = int(final_checkpoint(stopped).name)
+    assert 0 < first_stop < 3000
+
+    resumed = train(stopped, "--resume")
+    assert f"agent step {first_stop}" in resumed.stdout
+
+    a, b = final_checkpoint(straight), final_checkpoint(stopped)
+    assert a.name == b.name == f"{3000:012d}"
+    ta, tb_ = (torch.load(x / "model.pt", weights_only=True) for x in (a, b))
+    for net in ("policy", "target"):
+        for k in ta[net]:
+            assert torch.equal(ta[net][k], tb_[net][k]), f"{net}.{k} differs"
+    assert torch.equal(ta["sampler"], tb_["sampler"])
+    for name in sorted(p.name for p in a.glob("*.npy")):
+        x, y = np.load(a / name), np.load(b / name)
+        if name == "history_games.npy" or name == "history_evals.npy":
+            x, y = np.delete(x, 1, axis=1), np.delete(y, 1, axis=1)  # column 1 is wall-clock seconds
+        assert np.array_equal(x, y), f"{name} differs"
+    sa, sb = (json.loads((x / "state.json").read_text()) for x in (a, b))
+    sa["counters"].pop("seconds"), sb["counters"].pop("seconds")
+    assert sa == sb
+    assert score_rows(straight) == score_rows(stopped)
+    assert tb.load_network(str(straight / "best.pth"), torch.device("cpu")) is not None
+    assert (stopped / "20.pth").read_bytes() == (straight / "20.pth").read_bytes()
+
+
+def test_ctrl_c_saves_and_resume_extends_a_finished_run(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, "--envs", "2", "--episodes", "100000")
+    wait_for_games(run, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGINT" in out and "python train_breakout.py --resume" in out
+    stopped_at = json.loads((final_checkpoint(run) / "state.json").read_text())["counters"]["episodes"]
+
+    # A finished run goes on when given a larger budget; flags that only say how long are accepted.
+    p = train(run, "--resume", "--envs", "2", "--episodes", str(stopped_at + 10))
+    assert "start afresh" in p.stdout  # the vector environment cannot save its games, and says so
+    episodes = json.loads((final_checkpoint(run) / "state.json").read_text())["counters"]["episodes"]
+    assert stopped_at + 10 <= episodes <= stopped_at + 12
+    assert (run / f"{episodes}.pth").exists()
+    assert not list(run.rglob(".*tmp*")), "temporary files were left behind"
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path):
+    run = tmp_path / "run"
+    train(run, "--steps", "300")
+    p = train(run, "--resume", "--lr", "0.001", "--steps", "600", check=False)
+    assert p.returncode == 2
+    assert p.stderr.startswith("error:") and "--lr" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage):
+    run = tmp_path / "run"
+    train(run, "--steps", "300")
+    train(run, "--resume", "--steps", "600")
+    newest = final_checkpoint(run)
+    victim = newest / "replay_frames.npy"
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+
+    p = train(run, "--resume", "--steps", "900")
+    assert f"checkpoint {newest} is damaged" in p.stderr
+    assert "agent step 300" in p.stdout  # went on from the previous, intact checkpoint
+    assert final_checkpoint(run).name == f"{900:012d}"
+
+
+def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    # A checkpoint every step or so: the kill lands during a save or just between two.
+    proc = start(run, "--steps", "100000", "--checkpoint-minutes", "0.0001")
+    deadline = time.time() + 120
+    while len([p for p in (run / "resume").glob("0*")] if (run / "resume").exists() else []) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.kill()
+    proc.communicate()
+    folder, (tensors, arrays, state) = tb.latest_checkpoint(run)
+    assert "policy" in tensors and "replay_frames" in arrays
+    p = train(run, "--resume", "--steps", str(state["counters"]["steps"] + 60))
+    assert f"agent step {state['counters']['steps']}" in p.stdout
+    assert not list((run / "resume").glob(".tmp-*")), "a killed save's temporary folder was left behind"
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    args, given = tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "200"])
+    tb.train(args, given)
+    real_save = np.save
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    args, given = tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "400", "--resume"])
+    summary = tb.train(args, given)
+    monkeypatch.setattr(np, "save", real_save)
+    assert summary["steps"] == 400
+    assert "could not write a checkpoint (No space left on device)" in capsys.readouterr().out
+    assert final_checkpoint(run).name == f"{200:012d}"
+    assert not list((run / "resume").glob(".tmp-*"))
