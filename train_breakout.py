@@ -45,7 +45,7 @@ def opt(default, help: str, **kw):
 
 
 # Flags that only say where, how long or how visibly a run goes: --resume accepts new values for these.
-RUN_FLAGS = {"episodes", "steps", "device", "checkpoints", "resume", "checkpoint_minutes", "plot_every",
+RUN_FLAGS = {"episodes", "steps", "minutes", "device", "checkpoints", "resume", "checkpoint_minutes", "plot_every",
              "save_every", "eval_every", "eval_games", "eval_eps", "capture_video", "threads"}
 
 
@@ -54,6 +54,7 @@ class Args:
     # How long, and where things go
     episodes: int = opt(5_000_000, "lives to train for (the tutorial's episode ends when a life is lost)")
     steps: Optional[int] = opt(None, "also stop after this many agent steps")
+    minutes: Optional[float] = opt(None, "also stop after this many minutes of training")
     checkpoints: str = opt("checkpoints", "the run's folder: snapshots, config.json, metrics, full checkpoints")
     resume: Optional[str] = opt(None, "continue the run in --checkpoints, or from the checkpoint folder given",
                                 nargs="?", const="latest", metavar="PATH")
@@ -70,21 +71,36 @@ class Args:
     device: str = opt("auto", "where to learn and keep the replay memory", choices=["auto", "cpu", "cuda", "mps"])
     threads: int = opt(0, "CPU threads for torch (0: the number of cores)")
     seed: Optional[int] = opt(None, "random seed (default: drawn at random and written to config.json)")
-    # The recipe (the tutorial's values by default)
+    # The recipe: the tutorial's values unless --recipe fast (see RECIPES); explicit flags override either
+    recipe: str = opt("tutorial", "starting values of the flags below", choices=["tutorial", "fast"])
     memory: int = opt(100_000, "replay memory capacity in stored transitions")
     batch_size: int = opt(256, "transitions per gradient update")
     learn_start: Optional[int] = opt(None, "stored transitions before learning starts (default: --memory)")
-    frames: int = opt(6, "frames per state; also the block of agent steps behind one stored transition")
+    frames: int = opt(6, "frames per state")
+    block: Optional[int] = opt(None, "agent steps behind one stored transition (default: --frames, the "
+                                      "tutorial's rule: its reward is the block's sum, its next state 1 step on)")
+    n_step: int = opt(1, "n-step returns: next state n steps on, reward the discounted n-step sum (needs --block 1)")
+    double: bool = opt(False, "Double DQN targets: the policy network picks the next action, the target rates it")
     lr: float = opt(1e-4, "AdamW learning rate (amsgrad)")
     gamma: float = opt(0.99, "discount")
     tau: float = opt(0.005, "soft target update: target = tau * policy + (1 - tau) * target")
     eps_start: float = opt(1.0, "epsilon at step 0")
     eps_end: float = opt(0.01, "epsilon the schedule decays to")
-    eps_decay: float = opt(25_000_000, "agent steps of the exponential epsilon decay")
+    eps_decay: float = opt(25_000_000, "agent steps of the epsilon decay (the time constant when exponential)")
+    eps_schedule: str = opt("exponential", "shape of the epsilon decay", choices=["exponential", "linear"])
     update_every: int = opt(4, "stored transitions per gradient update")
     target_every: int = opt(400, "stored transitions per soft target update")
     no_random_erasing: bool = opt(False, "do not erase random patches of the brick rows in training")
     no_reward_clipping: bool = opt(False, "learn from raw game rewards instead of rewards clipped to [-1, 1]")
+
+
+# --recipe fast: a modern recipe for the same network, tuned for wall-clock time (README: "Recipes").
+RECIPES = {
+    "tutorial": {},
+    "fast": dict(block=1, n_step=3, memory=200_000, batch_size=64, learn_start=20_000, lr=2.5e-4,
+                 update_every=32, target_every=16_000, tau=1.0, eps_schedule="linear", eps_decay=200_000,
+                 eval_every=100_000),
+}
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -104,14 +120,16 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 def check_args(a: Args) -> None:
     """Refuse impossible values before anything is allocated."""
-    positive = ["episodes", "memory", "batch_size", "frames", "envs", "save_every", "plot_every", "eval_games",
+    positive = ["episodes", "memory", "batch_size", "frames", "n_step", "envs", "save_every", "plot_every", "eval_games",
                 "update_every", "target_every", "lr", "eps_decay", "tau", "checkpoint_minutes"]
-    for name in positive + (["steps"] if a.steps is not None else []):
+    for name in positive + [k for k in ("steps", "minutes", "block") if getattr(a, k) is not None]:
         if not getattr(a, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
     for name in ["eval_every", "threads"] + (["learn_start"] if a.learn_start is not None else []):
         if getattr(a, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(a, name)}")
+    if a.n_step > 1 and a.block != 1:
+        raise UserError("--n-step above 1 needs --block 1 (one stored transition per agent step)")
     if a.memory < a.batch_size:
         raise UserError(f"--memory ({a.memory}) must be at least --batch-size ({a.batch_size})")
     if not 0 < a.gamma <= 1 or not 0 < a.tau <= 1:
@@ -296,13 +314,14 @@ class ReplayMemory:
     slot (the frame after the step, or the first frame of the next game when a game ended). A transition
     is (game, slot of its state's newest frame, action, reward, has_next); its state is the `depth` frames
     up to that slot and its next state the same up to slot + 1, zeros before the first frame of a game.
-    A transition spans at most `block` agent steps, so a ring of block * capacity / games slots (plus a
-    margin) keeps every frame a stored transition still needs: about `block` frames per transition.
+    With n-step returns the next state is `n_step` slots on. A transition spans at most `block` agent steps,
+    so a ring of block * capacity / games slots (plus a margin) keeps every frame a stored transition still
+    needs: about `block` frames per transition.
     """
 
-    def __init__(self, capacity: int, games: int, depth: int, block: int, device: torch.device):
-        self.capacity, self.games, self.depth, self.device = capacity, games, depth, device
-        self.slots = block * math.ceil(capacity / games) + 2 * depth + 2 * block
+    def __init__(self, capacity: int, games: int, depth: int, block: int, device: torch.device, n_step: int = 1):
+        self.capacity, self.games, self.depth, self.n_step, self.device = capacity, games, depth, n_step, device
+        self.slots = self.ring_slots(capacity, games, depth, block, n_step)
         self.frames = torch.zeros((self.slots, games, SIZE, SIZE), dtype=torch.uint8, device=device)
         self.game_start = torch.zeros((self.slots, games), dtype=torch.bool, device=device)
         self.game = torch.zeros(capacity, dtype=torch.int64, device=device)
@@ -314,8 +333,12 @@ class ReplayMemory:
         self.stored = 0          # transitions stored so far; the FIFO holds the last min(stored, capacity)
 
     @staticmethod
-    def bytes_needed(capacity: int, games: int, depth: int, block: int) -> int:
-        slots = block * math.ceil(capacity / games) + 2 * depth + 2 * block
+    def ring_slots(capacity: int, games: int, depth: int, block: int, n_step: int = 1) -> int:
+        return block * math.ceil(capacity / games) + 2 * (depth + block + n_step)
+
+    @staticmethod
+    def bytes_needed(capacity: int, games: int, depth: int, block: int, n_step: int = 1) -> int:
+        slots = ReplayMemory.ring_slots(capacity, games, depth, block, n_step)
         return slots * games * (SIZE * SIZE + 1) + capacity * (8 + 8 + 8 + 4 + 1)
 
     def __len__(self) -> int:
@@ -359,10 +382,11 @@ class ReplayMemory:
     def sample(self, batch_size: int, generator: torch.Generator):
         """Uniform batch: states, actions, rewards, next states, has_next; all on the device."""
         i = torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
-        # A state and its next state share depth - 1 frames: gather depth + 1 slots once.
-        frames, starts = self._window(self.game[i], self.slot[i] + 1, self.depth + 1)
-        next_states = self._clear_before_game_start(frames[:, :-1].clone(), starts[:, :-1])
-        states = self._clear_before_game_start(frames[:, 1:], starts[:, 1:])
+        # A state and its next state n slots on share frames: gather depth + n slots once.
+        n, d = self.n_step, self.depth
+        frames, starts = self._window(self.game[i], self.slot[i] + n, d + n)
+        next_states = self._clear_before_game_start(frames[:, :d].clone(), starts[:, :d])
+        states = self._clear_before_game_start(frames[:, n:], starts[:, n:])
         return states, self.action[i], self.reward[i], next_states, self.has_next[i]
 
     def arrays(self) -> dict:
@@ -459,6 +483,8 @@ def load_network(path: str, device: torch.device) -> DuelingNetwork:
 # Exploration: epsilon-greedy with the tutorial's exponential schedule over all agent steps.
 # ---------------------------------------------------------------------------------------------------
 def epsilon(step: int, a: Args) -> float:
+    if a.eps_schedule == "linear":
+        return max(a.eps_end, a.eps_start - (a.eps_start - a.eps_end) * step / a.eps_decay)
     return a.eps_end + (a.eps_start - a.eps_end) * math.exp(-step / a.eps_decay)
 
 
@@ -479,14 +505,21 @@ def choose_actions(policy: nn.Module, stacks: torch.Tensor, eps: float, n_action
 # ---------------------------------------------------------------------------------------------------
 # Learning step: one gradient update of the policy network on a uniform batch.
 # ---------------------------------------------------------------------------------------------------
-def td_update(policy: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, batch, gamma: float):
-    """One-step Q-learning target r + gamma * max_a Q_target(s', a), 0 past a lost life; Huber loss.
+def td_update(policy: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, batch, gamma: float,
+              n_step: int = 1, double: bool = False):
+    """Q-learning target r + gamma^n * max_a Q_target(s', a), 0 past a lost life (Mnih et al., 2015), or with
+    `double` Q_target(s', argmax_a Q_policy(s', a)) (van Hasselt et al., 2016); Huber loss.
     Returns the loss and the mean Q of the batch, as device tensors (no host round trip)."""
     states, actions, rewards, next_states, has_next = batch
     q = policy(as_input(states)).gather(1, actions.unsqueeze(1)).squeeze(1)
     with torch.no_grad():
-        next_q = target(as_input(next_states)).max(1).values * has_next
-        targets = rewards + gamma * next_q
+        next_input = as_input(next_states)
+        next_all = target(next_input)
+        if double:
+            next_q = next_all.gather(1, policy(next_input).argmax(1, keepdim=True)).squeeze(1)
+        else:
+            next_q = next_all.max(1).values
+        targets = rewards + gamma ** n_step * next_q * has_next
     loss = F.smooth_l1_loss(q, targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -812,9 +845,10 @@ class StopRequest:
 # The run: a new one, or the one a checkpoint continues.
 # ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> tuple[Args, set]:
-    """The arguments, and the names of the flags the user actually gave."""
+    """The arguments (the recipe's values where no flag was given), and the names of the flags given."""
     parsed = vars(build_parser().parse_args(argv))
     given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    parsed.update({k: v for k, v in RECIPES[parsed["recipe"]].items() if k not in given})
     return Args(**parsed), given
 
 
@@ -871,11 +905,12 @@ def train(args: Args, given: set) -> dict:
     device = pick_device(args.device)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     learn_start = args.memory if args.learn_start is None else args.learn_start
+    block = args.frames if args.block is None else args.block
     n = args.envs
 
     games = make_games(args.env, n, args.seed)
     n_actions, fire = len(games.actions), fire_action(games.actions)
-    replay_bytes = ReplayMemory.bytes_needed(args.memory, n, args.frames, args.frames)
+    replay_bytes = ReplayMemory.bytes_needed(args.memory, n, args.frames, block, args.n_step)
     check_memory_fits(replay_bytes, device)
     print(describe(args, device, replay_bytes), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -895,7 +930,7 @@ def train(args: Args, given: set) -> dict:
     target = DuelingNetwork(args.frames, n_actions).to(device, memory_format=torch.channels_last)
     target.load_state_dict(policy.state_dict())
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, amsgrad=True)
-    replay = ReplayMemory(args.memory, n, args.frames, args.frames, device)
+    replay = ReplayMemory(args.memory, n, args.frames, block, device, args.n_step)
     stack = FrameStack(n, args.frames, device)
     learning = torch.zeros(3, device=device)         # sums of loss, mean Q and updates since the last game row
 
@@ -911,7 +946,9 @@ def train(args: Args, given: set) -> dict:
                     block_open=np.zeros(n, bool), block_slot=np.zeros(n, np.int64),
                     block_action=np.zeros(n, np.int64), block_has_next=np.zeros(n, bool),
                     block_reward=np.zeros(n, np.float32), game_score=np.zeros(n), life_score=np.zeros(n),
-                    lives_lost=np.zeros(n, np.int64))
+                    lives_lost=np.zeros(n, np.int64), pend_count=np.zeros(n, np.int64),
+                    pend_slot=np.zeros((n, args.n_step), np.int64), pend_action=np.zeros((n, args.n_step), np.int64),
+                    pend_return=np.zeros((n, args.n_step)))
 
     def start_games(env_steps: Optional[np.ndarray] = None) -> dict:
         rgb, lives = games.reset()
@@ -1050,26 +1087,50 @@ def train(args: Args, given: set) -> dict:
         replay.add_frames(frames, new_game)
         stack.push(frames, new_game)
 
-        # The tutorial's transition rule: a block of up to `frames` agent steps makes one transition with
-        # the first step's state and action, the state right after that step (none if the life ended
-        # there), and the sum of the block's rewards. A block ends every `frames` steps of its game, or
-        # when the life ends.
-        opening = ~g["block_open"]
-        g["block_slot"][opening] = state_slot
-        g["block_action"][opening] = actions[opening]
-        g["block_has_next"][opening] = ~done[opening]
-        g["block_reward"][opening] = 0
-        g["block_open"][:] = True
-        g["block_reward"] += learn_reward
-        closing = np.flatnonzero((g["env_steps"] % args.frames == 0) | done)
         stored_before = replay.stored
-        if len(closing):
-            replay.add(closing, g["block_slot"][closing], g["block_action"][closing], g["block_reward"][closing],
-                       g["block_has_next"][closing])
-            g["block_open"][closing] = False
+        if args.n_step == 1:
+            # The tutorial's transition rule: a block of up to `block` agent steps makes one transition with
+            # the first step's state and action, the state right after that step (none if the life ended
+            # there), and the sum of the block's rewards. A block ends every `block` steps of its game, or
+            # when the life ends.
+            opening = ~g["block_open"]
+            g["block_slot"][opening] = state_slot
+            g["block_action"][opening] = actions[opening]
+            g["block_has_next"][opening] = ~done[opening]
+            g["block_reward"][opening] = 0
+            g["block_open"][:] = True
+            g["block_reward"] += learn_reward
+            closing = np.flatnonzero((g["env_steps"] % block == 0) | done)
+            if len(closing):
+                replay.add(closing, g["block_slot"][closing], g["block_action"][closing],
+                           g["block_reward"][closing], g["block_has_next"][closing])
+                g["block_open"][closing] = False
+        else:
+            # n-step returns: each game keeps its last n (state slot, action, discounted return); the oldest
+            # becomes a transition once n rewards are in, and all of them (with no next state) when the
+            # life ends.
+            k, depth = g["pend_count"], args.n_step
+            g["pend_slot"][np.arange(n), k] = state_slot
+            g["pend_action"][np.arange(n), k] = actions
+            g["pend_return"][np.arange(n), k] = 0
+            age = k[:, None] - np.arange(depth)[None, :]
+            g["pend_return"] += np.where(age >= 0, args.gamma ** np.maximum(age, 0), 0) * learn_reward[:, None]
+            g["pend_count"] = k = k + 1
+            ready = np.flatnonzero((k == depth) & ~done)
+            ended = [(i, j) for i in np.flatnonzero(done) for j in range(k[i])]
+            rows = [(i, 0) for i in ready] + ended
+            if rows:
+                gi, gj = np.array(rows).T
+                replay.add(gi, g["pend_slot"][gi, gj], g["pend_action"][gi, gj], g["pend_return"][gi, gj],
+                           np.arange(len(gi)) < len(ready))
+            for key in ("pend_slot", "pend_action", "pend_return"):
+                g[key][ready] = np.roll(g[key][ready], -1, axis=1)
+            g["pend_count"][ready] -= 1
+            g["pend_count"][done] = 0
         for count in range(stored_before + 1, replay.stored + 1):
             if count % args.update_every == 0 and count > learn_start:
-                loss, q = td_update(policy, target, optimizer, replay.sample(args.batch_size, sampler), args.gamma)
+                loss, q = td_update(policy, target, optimizer, replay.sample(args.batch_size, sampler), args.gamma,
+                                    args.n_step, args.double)
                 learning += torch.stack([loss, q, torch.ones((), device=device)])
                 c["updates"] += 1
             if count % args.target_every == 0:
