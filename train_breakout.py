@@ -1057,7 +1057,8 @@ def train(args: Args, given: set) -> dict:
                 log.tb.add_scalar("eval/first_wall_clear_minutes", elapsed() / 60, c["steps"])
 
     def budget_left() -> bool:
-        return c["episodes"] < args.episodes and (args.steps is None or c["steps"] < args.steps)
+        return (c["episodes"] < args.episodes and (args.steps is None or c["steps"] < args.steps)
+                and (args.minutes is None or elapsed() < 60 * args.minutes))
 
     stop = StopRequest()
     bar = tqdm(total=args.episodes, initial=min(c["episodes"], args.episodes), unit="ep", desc="training",
