@@ -689,7 +689,8 @@ def plot_curve(path: Path, history: dict, env_id: str) -> None:
         top.annotate(" wall cleared", (first, WALL_CLEARED), fontsize=9)
     top.set_ylabel("score (points)")
     top.set_title(f"{env_id}: training progress")
-    top.legend(loc="upper left", fontsize=8)
+    if top.get_legend_handles_labels()[0]:
+        top.legend(loc="upper left", fontsize=8)
     top.grid(alpha=0.3)
     if len(learn):
         mid.plot(learn[:, 0] / 1e6, learn[:, 1], color="C4")
