@@ -103,9 +103,15 @@ RECIPES = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already explains it."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in action.help else super()._get_help_string(action)
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     for f in dataclasses.fields(Args):
         kw = dict(f.metadata)
         kw["default"] = argparse.SUPPRESS if suppress_defaults else f.default
@@ -970,12 +976,20 @@ def train(args: Args, given: set) -> dict:
         policy.load_state_dict(tensors["policy"])
         target.load_state_dict(tensors["target"])
         optimizer.load_state_dict(tensors["optimizer"])
-        sampler.set_state(tensors["sampler"])
+        try:
+            sampler.set_state(tensors["sampler"])
+        except RuntimeError:  # the run moved between CPU and GPU, whose generators differ
+            print("note: replay sampling is reseeded on the new device", flush=True)
         learning = tensors["learning"].to(device)
         replay.load_arrays({k[7:]: v for k, v in arrays.items() if k.startswith("replay_")})
         set_rng_state(tensors["rng"], state["rng"])
         rng.bit_generator.state = state["numpy"]
         c.update(state["counters"])
+        for flag, key, unit in (("save_every", "next_save", "episodes"), ("plot_every", "next_plot", "episodes"),
+                                ("eval_every", "next_eval", "steps")):
+            if flag in given:  # a new interval given on resume counts from here
+                every = getattr(args, flag)
+                c[key] = (c[unit] // every + 1) * every if every else None
         history = {k: arrays[f"history_{k}"].reshape(-1, w).tolist() for k, w in widths.items()}
         if games.can_save_state and "emulator" in arrays:
             games.set_state(dict(emulator=arrays["emulator"], seeds=state["games"]))
@@ -1034,7 +1048,6 @@ def train(args: Args, given: set) -> dict:
     def run_evaluation() -> None:
         c["evals"] += 1
         video = str(run_dir / "videos" / f"eval-{c['steps']:012d}.mp4") if args.capture_video else None
-        policy.eval()
         result = evaluate(policy, args.env, args.eval_games, args.eval_eps, args.frames, device,
                           args.seed + 7919 * c["evals"], video)
         history["evals"].append([c["steps"], elapsed(), result["mean"], result["max"], result["cleared"]])
