@@ -126,8 +126,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 def check_args(a: Args) -> None:
     """Refuse impossible values before anything is allocated."""
-    positive = ["episodes", "memory", "batch_size", "frames", "n_step", "envs", "save_every", "plot_every", "eval_games",
-                "update_every", "target_every", "lr", "eps_decay", "tau", "checkpoint_minutes"]
+    positive = ["episodes", "memory", "batch_size", "frames", "n_step", "envs", "save_every", "plot_every",
+                "eval_games", "update_every", "target_every", "lr", "eps_decay", "tau", "checkpoint_minutes"]
     for name in positive + [k for k in ("steps", "minutes", "block") if getattr(a, k) is not None]:
         if not getattr(a, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
@@ -587,7 +587,8 @@ def evaluate(policy: nn.Module, env_id: str, games: int, eps: float, depth: int,
     rng = np.random.default_rng(seed)
     rgb, lives = env.reset()
     stack = FrameStack(games, depth, device)
-    stack.push(torch.from_numpy(preprocess_all(rgb, None)).to(device), torch.ones(games, dtype=torch.bool, device=device))
+    stack.push(torch.from_numpy(preprocess_all(rgb, None)).to(device),
+               torch.ones(games, dtype=torch.bool, device=device))
     need_fire, finished = np.ones(games, bool), np.zeros(games, bool)
     scores, lengths = np.zeros(games), np.zeros(games, np.int64)
     tmp = Path(video).with_name(f".{Path(video).name}-games") if video else None
@@ -839,8 +840,12 @@ class StopRequest:
 
     def __init__(self):
         self.signal: Optional[str] = None
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        """Give Ctrl-C back to whoever had it (a notebook calling train(), say)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
         if self.signal is not None:
@@ -1075,132 +1080,135 @@ def train(args: Args, given: set) -> dict:
                 and (args.minutes is None or elapsed() < 60 * args.minutes))
 
     stop = StopRequest()
-    bar = tqdm(total=args.episodes, initial=min(c["episodes"], args.episodes), unit="ep", desc="training",
-               dynamic_ncols=True, mininterval=1.0)
-    last_checkpoint = time.time()
-    rate_time, rate_steps, sps = time.time(), c["steps"], 0.0
-    while budget_left() and stop.signal is None:
-        # ALGO LOGIC: act in every game at once, one forward pass.
-        actions = choose_actions(policy, stack.frames, epsilon(c["steps"], args), n_actions, rng)
-        if fire is not None:
-            actions[g["need_fire"]] = fire  # serve the ball at the start of every life
-        state_slot = (replay.frames_written - 1) % replay.slots
-        rgb, reward, terminated, truncated, lives = games.step(actions)
-        c["steps"] += n
-        g["env_steps"] += 1
-        game_over = terminated | truncated
-        life_lost = terminated | ((lives < g["lives"]) & ~game_over)
-        done = life_lost | game_over  # the tutorial's episode: one life
-        g["game_score"] += reward
-        g["life_score"] += reward
-        g["lives_lost"] += life_lost
-        learn_reward = reward if args.no_reward_clipping else np.clip(reward, -1, 1)
-        learn_reward = np.where(life_lost, -1.0, learn_reward).astype(np.float32)
+    try:
+        bar = tqdm(total=args.episodes, initial=min(c["episodes"], args.episodes), unit="ep", desc="training",
+                   dynamic_ncols=True, mininterval=1.0)
+        last_checkpoint = time.time()
+        rate_time, rate_steps, sps = time.time(), c["steps"], 0.0
+        while budget_left() and stop.signal is None:
+            # ALGO LOGIC: act in every game at once, one forward pass.
+            actions = choose_actions(policy, stack.frames, epsilon(c["steps"], args), n_actions, rng)
+            if fire is not None:
+                actions[g["need_fire"]] = fire  # serve the ball at the start of every life
+            state_slot = (replay.frames_written - 1) % replay.slots
+            rgb, reward, terminated, truncated, lives = games.step(actions)
+            c["steps"] += n
+            g["env_steps"] += 1
+            game_over = terminated | truncated
+            life_lost = terminated | ((lives < g["lives"]) & ~game_over)
+            done = life_lost | game_over  # the tutorial's episode: one life
+            g["game_score"] += reward
+            g["life_score"] += reward
+            g["lives_lost"] += life_lost
+            learn_reward = reward if args.no_reward_clipping else np.clip(reward, -1, 1)
+            learn_reward = np.where(life_lost, -1.0, learn_reward).astype(np.float32)
 
-        frames = torch.from_numpy(preprocess_all(rgb, erase_rng)).to(device, non_blocking=True)
-        new_game = torch.from_numpy(game_over).to(device, non_blocking=True)
-        replay.add_frames(frames, new_game)
-        stack.push(frames, new_game)
+            frames = torch.from_numpy(preprocess_all(rgb, erase_rng)).to(device, non_blocking=True)
+            new_game = torch.from_numpy(game_over).to(device, non_blocking=True)
+            replay.add_frames(frames, new_game)
+            stack.push(frames, new_game)
 
-        stored_before = replay.stored
-        if args.n_step == 1:
-            # The tutorial's transition rule: a block of up to `block` agent steps makes one transition with
-            # the first step's state and action, the state right after that step (none if the life ended
-            # there), and the sum of the block's rewards. A block ends every `block` steps of its game, or
-            # when the life ends.
-            opening = ~g["block_open"]
-            g["block_slot"][opening] = state_slot
-            g["block_action"][opening] = actions[opening]
-            g["block_has_next"][opening] = ~done[opening]
-            g["block_reward"][opening] = 0
-            g["block_open"][:] = True
-            g["block_reward"] += learn_reward
-            closing = np.flatnonzero((g["env_steps"] % block == 0) | done)
-            if len(closing):
-                replay.add(closing, g["block_slot"][closing], g["block_action"][closing],
-                           g["block_reward"][closing], g["block_has_next"][closing])
-                g["block_open"][closing] = False
-        else:
-            # n-step returns: each game keeps its last n (state slot, action, discounted return); the oldest
-            # becomes a transition once n rewards are in, and all of them (with no next state) when the
-            # life ends.
-            k, depth = g["pend_count"], args.n_step
-            g["pend_slot"][np.arange(n), k] = state_slot
-            g["pend_action"][np.arange(n), k] = actions
-            g["pend_return"][np.arange(n), k] = 0
-            age = k[:, None] - np.arange(depth)[None, :]
-            g["pend_return"] += np.where(age >= 0, args.gamma ** np.maximum(age, 0), 0) * learn_reward[:, None]
-            g["pend_count"] = k = k + 1
-            ready = np.flatnonzero((k == depth) & ~done)
-            ended = [(i, j) for i in np.flatnonzero(done) for j in range(k[i])]
-            rows = [(i, 0) for i in ready] + ended
-            if rows:
-                gi, gj = np.array(rows).T
-                replay.add(gi, g["pend_slot"][gi, gj], g["pend_action"][gi, gj], g["pend_return"][gi, gj],
-                           np.arange(len(gi)) < len(ready))
-            for key in ("pend_slot", "pend_action", "pend_return"):
-                g[key][ready] = np.roll(g[key][ready], -1, axis=1)
-            g["pend_count"][ready] -= 1
-            g["pend_count"][done] = 0
-        for count in range(stored_before + 1, replay.stored + 1):
-            if count % args.update_every == 0 and count > learn_start:
-                loss, q = td_update(policy, target, optimizer, replay.sample(args.batch_size, sampler), args.gamma,
-                                    args.n_step, args.double)
-                learning += torch.stack([loss, q, torch.ones((), device=device)])
-                c["updates"] += 1
-            if count % args.target_every == 0:
-                soft_update(target, policy, args.tau)
-        g["need_fire"] = done
-        g["lives"] = lives
+            stored_before = replay.stored
+            if args.n_step == 1:
+                # The tutorial's transition rule: a block of up to `block` agent steps makes one transition with
+                # the first step's state and action, the state right after that step (none if the life ended
+                # there), and the sum of the block's rewards. A block ends every `block` steps of its game, or
+                # when the life ends.
+                opening = ~g["block_open"]
+                g["block_slot"][opening] = state_slot
+                g["block_action"][opening] = actions[opening]
+                g["block_has_next"][opening] = ~done[opening]
+                g["block_reward"][opening] = 0
+                g["block_open"][:] = True
+                g["block_reward"] += learn_reward
+                closing = np.flatnonzero((g["env_steps"] % block == 0) | done)
+                if len(closing):
+                    replay.add(closing, g["block_slot"][closing], g["block_action"][closing],
+                               g["block_reward"][closing], g["block_has_next"][closing])
+                    g["block_open"][closing] = False
+            else:
+                # n-step returns: each game keeps its last n (state slot, action, discounted return); the oldest
+                # becomes a transition once n rewards are in, and all of them (with no next state) when the
+                # life ends.
+                k, depth = g["pend_count"], args.n_step
+                g["pend_slot"][np.arange(n), k] = state_slot
+                g["pend_action"][np.arange(n), k] = actions
+                g["pend_return"][np.arange(n), k] = 0
+                age = k[:, None] - np.arange(depth)[None, :]
+                g["pend_return"] += np.where(age >= 0, args.gamma ** np.maximum(age, 0), 0) * learn_reward[:, None]
+                g["pend_count"] = k = k + 1
+                ready = np.flatnonzero((k == depth) & ~done)
+                ended = [(i, j) for i in np.flatnonzero(done) for j in range(k[i])]
+                rows = [(i, 0) for i in ready] + ended
+                if rows:
+                    gi, gj = np.array(rows).T
+                    replay.add(gi, g["pend_slot"][gi, gj], g["pend_action"][gi, gj], g["pend_return"][gi, gj],
+                               np.arange(len(gi)) < len(ready))
+                for key in ("pend_slot", "pend_action", "pend_return"):
+                    g[key][ready] = np.roll(g[key][ready], -1, axis=1)
+                g["pend_count"][ready] -= 1
+                g["pend_count"][done] = 0
+            for count in range(stored_before + 1, replay.stored + 1):
+                if count % args.update_every == 0 and count > learn_start:
+                    loss, q = td_update(policy, target, optimizer, replay.sample(args.batch_size, sampler), args.gamma,
+                                        args.n_step, args.double)
+                    learning += torch.stack([loss, q, torch.ones((), device=device)])
+                    c["updates"] += 1
+                if count % args.target_every == 0:
+                    soft_update(target, policy, args.tau)
+            g["need_fire"] = done
+            g["lives"] = lives
 
-        # TRY NOT TO MODIFY: bookkeeping, logging and saving.
-        now = time.time()
-        if now - rate_time >= 2.0:
-            sps = (c["steps"] - rate_steps) / (now - rate_time)
-            rate_time, rate_steps = now, c["steps"]
-        for i in np.flatnonzero(done):
-            c["episodes"] += 1
-            c["life_sum"] += g["life_score"][i]
-            c["life_count"] += 1
-            g["life_score"][i] = 0
-        for i in np.flatnonzero(game_over):
-            record_game(i, sps)
-        if done.any():
-            bar.update(min(c["episodes"], args.episodes) - bar.n)
-            recent = [row[2] for row in history["games"][-100:]]
-            bar.set_postfix(score=f"{np.mean(recent):.1f}" if recent else "-", eps=f"{epsilon(c['steps'], args):.3f}",
-                            sps=f"{sps:.0f}", refresh=False)
-        while c["episodes"] >= c["next_save"]:
-            save_snapshot(target, run_dir / f"{c['next_save']}.pth")
-            c["next_save"] += args.save_every
-        if c["episodes"] >= c["next_plot"]:
-            history["lives"].append([c["steps"], c["episodes"], c["life_sum"] / max(1, c["life_count"])])
-            c["life_sum"], c["life_count"] = 0.0, 0
+            # TRY NOT TO MODIFY: bookkeeping, logging and saving.
+            now = time.time()
+            if now - rate_time >= 2.0:
+                sps = (c["steps"] - rate_steps) / (now - rate_time)
+                rate_time, rate_steps = now, c["steps"]
+            for i in np.flatnonzero(done):
+                c["episodes"] += 1
+                c["life_sum"] += g["life_score"][i]
+                c["life_count"] += 1
+                g["life_score"][i] = 0
+            for i in np.flatnonzero(game_over):
+                record_game(i, sps)
+            if done.any():
+                bar.update(min(c["episodes"], args.episodes) - bar.n)
+                recent = [row[2] for row in history["games"][-100:]]
+                bar.set_postfix(score=f"{np.mean(recent):.1f}" if recent else "-",
+                                eps=f"{epsilon(c['steps'], args):.3f}", sps=f"{sps:.0f}", refresh=False)
+            while c["episodes"] >= c["next_save"]:
+                save_snapshot(target, run_dir / f"{c['next_save']}.pth")
+                c["next_save"] += args.save_every
+            if c["episodes"] >= c["next_plot"]:
+                history["lives"].append([c["steps"], c["episodes"], c["life_sum"] / max(1, c["life_count"])])
+                c["life_sum"], c["life_count"] = 0.0, 0
+                plot_curve(run_dir / "curve.png", history, args.env)
+                while c["episodes"] >= c["next_plot"]:
+                    c["next_plot"] += args.plot_every
+            if c["next_eval"] is not None and c["steps"] >= c["next_eval"]:
+                run_evaluation()
+                while c["steps"] >= c["next_eval"]:
+                    c["next_eval"] += args.eval_every
+            if now - last_checkpoint >= 60 * args.checkpoint_minutes:
+                save_full_checkpoint()
+                last_checkpoint = time.time()
+        bar.close()
+        summary = dict(c, session_seconds=time.time() - session_start, replay_bytes=replay_bytes, run_dir=str(run_dir))
+
+        if not budget_left():
+            save_snapshot(target, run_dir / f"{c['episodes']}.pth")
             plot_curve(run_dir / "curve.png", history, args.env)
-            while c["episodes"] >= c["next_plot"]:
-                c["next_plot"] += args.plot_every
-        if c["next_eval"] is not None and c["steps"] >= c["next_eval"]:
-            run_evaluation()
-            while c["steps"] >= c["next_eval"]:
-                c["next_eval"] += args.eval_every
-        if now - last_checkpoint >= 60 * args.checkpoint_minutes:
-            save_full_checkpoint()
-            last_checkpoint = time.time()
-    bar.close()
-    summary = dict(c, session_seconds=time.time() - session_start, replay_bytes=replay_bytes, run_dir=str(run_dir))
-
-    if not budget_left():
-        save_snapshot(target, run_dir / f"{c['episodes']}.pth")
-        plot_curve(run_dir / "curve.png", history, args.env)
-    save_full_checkpoint()
-    log.close()
-    games.close()
-    if stop.signal is not None:
-        print(f"stopped by {stop.signal} at episode {c['episodes']}, agent step {c['steps']}; continue with:\n"
-              f"  python train_breakout.py --resume --checkpoints {run_dir}")
-    else:
-        print(f"done: {c['episodes']} episodes, {c['steps']} agent steps, {c['updates']} updates in "
-              f"{elapsed() / 60:.1f} minutes; snapshot {run_dir / (str(c['episodes']) + '.pth')}")
+        save_full_checkpoint()
+        log.close()
+        games.close()
+        if stop.signal is not None:
+            print(f"stopped by {stop.signal} at episode {c['episodes']}, agent step {c['steps']}; continue with:\n"
+                  f"  python train_breakout.py --resume --checkpoints {run_dir}")
+        else:
+            print(f"done: {c['episodes']} episodes, {c['steps']} agent steps, {c['updates']} updates in "
+                  f"{elapsed() / 60:.1f} minutes; snapshot {run_dir / (str(c['episodes']) + '.pth')}")
+    finally:
+        stop.restore()
     return summary
 
 
