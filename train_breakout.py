@@ -67,7 +67,7 @@ class Args:
     capture_video: bool = opt(False, "save each evaluation's best game to videos/ as MP4")
     # The machine
     env: str = opt("ALE/Breakout-v5", "Gymnasium id of any ALE game")
-    envs: int = opt(min(max(8, os.cpu_count() or 1), 64), "games stepped together; 1 steps one gym.make environment")
+    envs: int = opt(min(max(16, os.cpu_count() or 1), 64), "games stepped together; 1 steps one gym.make environment")
     device: str = opt("auto", "where to learn and keep the replay memory", choices=["auto", "cpu", "cuda", "mps"])
     threads: int = opt(0, "CPU threads for torch (0: the number of cores)")
     seed: Optional[int] = opt(None, "random seed (default: drawn at random and written to config.json)")
@@ -196,7 +196,7 @@ class VectorGames:
             max_num_frames_per_episode=s["max_num_frames_per_episode"], img_height=210, img_width=160,
             grayscale=False, stack_num=1, maxpool=False, noop_max=0, reward_clipping=False,
             use_fire_reset=False, episodic_life=False, autoreset_mode="SameStep",
-            num_threads=min(n, os.cpu_count() or 1))
+            num_threads=min(n, os.cpu_count() or 1), thread_affinity_offset=0)
         self.actions = list(self.env.ale.get_action_set())
         self.seed = seed
 
@@ -461,12 +461,14 @@ class DuelingNetwork(nn.Module):
 
 def as_input(stacks: torch.Tensor) -> torch.Tensor:
     """uint8 stacks to the network's input: floats in [0, 1], channels-last (faster convolutions on CPU)."""
-    return stacks.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+    return stacks.contiguous(memory_format=torch.channels_last).float().div_(255.0)
 
 
 def load_network(path: str, device: torch.device) -> DuelingNetwork:
     """A network from a .pth state_dict (ours or the tutorial's, saved on any device), with one-line errors."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{path} is a folder; pass one of its .pth snapshots (best.pth, <episode>.pth)")
     if not p.is_file():
         raise UserError(f"no such checkpoint file: {path}")
     try:
@@ -546,6 +548,15 @@ def soft_update(target: nn.Module, policy: nn.Module, tau: float) -> None:
 WALL_CLEARED = 432  # Breakout's first wall is 108 bricks; a game score of 432 means all of them are gone
 
 
+def draw_frame(rgb: np.ndarray, score: Optional[float], scale: int = 3) -> np.ndarray:
+    """An RGB game frame upscaled (nearest neighbour) with the score burned in: for videos and play's window."""
+    h, w = rgb.shape[:2]
+    big = cv2.resize(rgb, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
+    if score is not None:
+        cv2.putText(big, f"{score:.0f}", (8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (255, 255, 255), 2)
+    return big
+
+
 class VideoWriter:
     """H.264 MP4 (or GIF when the name ends in .gif) from RGB frames, upscaled, with the score burned in."""
 
@@ -553,6 +564,7 @@ class VideoWriter:
         import av
         self.path, self.scale = Path(path), scale
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        open(self.path, "ab").close()  # PyAV opens the file only at the first frame: fail here instead
         self.container = av.open(str(self.path), mode="w")
         gif = self.path.suffix.lower() == ".gif"
         self.stream = self.container.add_stream("gif" if gif else "libx264", rate=round(fps))
@@ -561,10 +573,7 @@ class VideoWriter:
 
     def add(self, rgb: np.ndarray, score: Optional[float] = None) -> None:
         import av
-        h, w = rgb.shape[:2]
-        big = cv2.resize(rgb, (w * self.scale, h * self.scale), interpolation=cv2.INTER_NEAREST)
-        if score is not None:
-            cv2.putText(big, f"{score:.0f}", (8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (255, 255, 255), 2)
+        big = draw_frame(rgb, score, self.scale)
         if self.frames == 0:
             self.stream.width, self.stream.height = big.shape[1] // 2 * 2, big.shape[0] // 2 * 2
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(big[:self.stream.height, :self.stream.width]),
@@ -915,7 +924,11 @@ def train(args: Args, given: set) -> dict:
     check_args(args)
     args, run_dir, checkpoint = prepare_run(args, given)
     device = pick_device(args.device)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    # Acting and bookkeeping run small tensor ops between emulator steps; on CPU more torch threads there
+    # only fight ale-py's threads for the cores (3x slower on 2 cores), so only learning uses them all.
+    learn_threads = args.threads or os.cpu_count() or 1
+    act_threads = 1 if device.type == "cpu" else learn_threads
+    torch.set_num_threads(act_threads)
     learn_start = args.memory if args.learn_start is None else args.learn_start
     block = args.frames if args.block is None else args.block
     n = args.envs
@@ -1148,14 +1161,20 @@ def train(args: Args, given: set) -> dict:
                     g[key][ready] = np.roll(g[key][ready], -1, axis=1)
                 g["pend_count"][ready] -= 1
                 g["pend_count"][done] = 0
+            learned = False
             for count in range(stored_before + 1, replay.stored + 1):
                 if count % args.update_every == 0 and count > learn_start:
+                    if not learned:
+                        torch.set_num_threads(learn_threads)
+                        learned = True
                     loss, q = td_update(policy, target, optimizer, replay.sample(args.batch_size, sampler), args.gamma,
                                         args.n_step, args.double)
                     learning += torch.stack([loss, q, torch.ones((), device=device)])
                     c["updates"] += 1
                 if count % args.target_every == 0:
                     soft_update(target, policy, args.tau)
+            if learned:
+                torch.set_num_threads(act_threads)
             g["need_fire"] = done
             g["lives"] = lives
 

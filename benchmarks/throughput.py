@@ -72,6 +72,7 @@ def main() -> None:
               "--batch-size", str(a.batch_size), "--seed", "1"]
     off = run_trainer(common + ["--learn-start", str(10**15)])
     on = run_trainer(common + ["--learn-start", str(a.learn_start)])
+    torch.set_num_threads(os.cpu_count() or 1)  # the trainer learns with every core
     update = seconds_per_update(device, a.batch_size, 6)
     bytes_per_transition = tb.ReplayMemory.bytes_needed(a.memory, a.envs, 6, 6) // a.memory
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (

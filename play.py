@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Watch a trained agent play: load a .pth (ours or the tutorial's), play greedy games, show them in a window.
+
+    python play.py checkpoints/600000.pth                 # a window, at the game's real speed
+    python play.py best.pth --episodes 5 --no-render      # headless; prints each game's score
+    python play.py tutorial.pth --video agent.mp4         # also write an MP4 (or .gif)
+    python play.py best.pth --json                        # one JSON object: scores, lengths, cleared, mean
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import ale_py
+import cv2
+import numpy as np
+import torch
+
+from train_breakout import (WALL_CLEARED, FrameStack, HelpFormatter, OneGame, UserError, VideoWriter,
+                            choose_actions, draw_frame, fire_action, load_network, pick_device, preprocess_all)
+
+DEFAULT_ENV = "ALE/Breakout-v5"
+REAL_SPEED = 60 / 4  # agent steps per second: ALE runs 60 frames/s and each step is 4 frames
+SCALE = 3            # window pixels per game pixel, nearest-neighbour so the pixels stay sharp
+
+
+class WindowClosed(Exception):
+    """The user closed the game window."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """Bad flags in one line and exit status 2, like every other input error (no usage dump)."""
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    """The command line, checked: impossible values raise UserError."""
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("checkpoint", help="a .pth state_dict: a snapshot of train_breakout.py or the tutorial's")
+    p.add_argument("--episodes", type=int, default=1, help="games to play")
+    p.add_argument("--env", help=f"Gymnasium id of the game (default: config.json beside the checkpoint, "
+                                 f"else {DEFAULT_ENV})")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where the network runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the games (and of random actions with --eps)")
+    p.add_argument("--eps", type=float, default=0.0, help="probability of a random action at each step")
+    p.add_argument("--fps", type=float, default=REAL_SPEED, help="agent steps shown per second, 0 for as fast as "
+                                                                  "possible (default: 15, the game's real speed)")
+    p.add_argument("--max-steps", type=int, default=27_000, help="end a game after this many agent steps "
+                                                                 "(ALE's own cap is 108,000 frames)")
+    p.add_argument("--no-render", action="store_true", help="no window")
+    p.add_argument("--video", metavar="PATH", help="also write every game played to this MP4, or GIF if it "
+                                                   "ends in .gif (default: none)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    args = p.parse_args(argv)
+    for name in ("episodes", "max_steps"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.eps <= 1:
+        raise UserError(f"--eps must lie in [0, 1], got {args.eps}")
+    if args.fps < 0:
+        raise UserError(f"--fps must not be negative, got {args.fps}")
+    return args
+
+
+def game_id(args: argparse.Namespace) -> str:
+    """--env, else the game of the run the checkpoint comes from (its config.json), else Breakout."""
+    if args.env:
+        return args.env
+    config = Path(args.checkpoint).parent / "config.json"
+    if not config.is_file():
+        return DEFAULT_ENV
+    try:
+        return json.loads(config.read_text())["env"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{config} is not a readable train_breakout.py config; pass --env") from None
+
+
+def display_reachable() -> bool:
+    """Whether a window can be opened: OpenCV's Qt aborts the whole process when the X server is gone."""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        x11 = ctypes.CDLL("libX11.so.6")
+    except OSError:
+        return bool(os.environ.get("DISPLAY"))  # cannot check further; let OpenCV try
+    x11.XOpenDisplay.restype, x11.XCloseDisplay.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    display = x11.XOpenDisplay(None)  # NULL without DISPLAY, or when its X server does not answer
+    if display:
+        x11.XCloseDisplay(display)
+    return bool(display)
+
+
+class Window:
+    """The game, upscaled, with the score drawn on it, paced at `fps` agent steps per second (0: no pacing)."""
+
+    def __init__(self, title: str, fps: float):
+        # opencv-python's bundled Qt warns about fonts it does not ship; the window draws no text with them.
+        os.environ.setdefault("QT_LOGGING_RULES", "default.warning=false")
+        self.title, self.delay, self.due = title, 1 / fps if fps else 0.0, time.perf_counter()
+        cv2.namedWindow(title, cv2.WINDOW_AUTOSIZE | cv2.WINDOW_GUI_NORMAL)  # no Qt toolbar, just the game
+
+    def show(self, rgb: np.ndarray, score: float) -> None:
+        """Draw one frame and wait for its turn; raises WindowClosed once the user has closed the window."""
+        cv2.imshow(self.title, cv2.cvtColor(draw_frame(rgb, score, SCALE), cv2.COLOR_RGB2BGR))
+        self.due = max(self.due + self.delay, time.perf_counter())  # after a slow step, do not rush to catch up
+        cv2.waitKey(max(1, round(1000 * (self.due - time.perf_counter()))))  # also runs the window's events
+        try:
+            visible = cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) >= 1
+        except cv2.error:  # OpenCV's Qt backend raises once the user has closed its last window
+            visible = False
+        if not visible:
+            raise WindowClosed
+
+    def close(self) -> None:
+        cv2.destroyAllWindows()
+        cv2.waitKey(1)  # lets the window actually disappear
+
+
+def open_video(path: str) -> VideoWriter:
+    """A VideoWriter, or a one-line error for a path it cannot write."""
+    try:
+        return VideoWriter(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot write the video {path}: {e}") from None
+
+
+@torch.no_grad()
+def play_game(policy: torch.nn.Module, game: OneGame, rgb: np.ndarray, lives: np.ndarray, args: argparse.Namespace,
+              rng: np.random.Generator, window: Optional[Window],
+              video: Optional[VideoWriter]) -> tuple[float, int, bool, np.ndarray, np.ndarray]:
+    """One game from its first frame `rgb`: FIRE at the start of every life, then the policy's actions.
+    Shows and records each frame the agent acts on. Returns (score, agent steps, whether it ended on its own,
+    the next game's first frame and lives)."""
+    device = next(policy.parameters()).device
+    agent_view = lambda rgb: torch.from_numpy(preprocess_all(rgb, None)).to(device)  # no erasing at play time
+    stack = FrameStack(1, policy.conv1.in_channels, device)
+    stack.push(agent_view(rgb), torch.ones(1, dtype=torch.bool, device=device))
+    fire, n_actions = fire_action(game.actions), len(game.actions)
+    need_fire, score, steps = True, 0.0, 0
+    while steps < args.max_steps:
+        if window is not None:
+            window.show(rgb[0], score)
+        if video is not None:
+            video.add(rgb[0], score)
+        actions = choose_actions(policy, stack.frames, args.eps, n_actions, rng)
+        if need_fire and fire is not None:
+            actions[0] = fire  # serve the ball: a life starts only when FIRE is pressed
+        rgb, reward, terminated, truncated, new_lives = game.step(actions)
+        score, steps = score + float(reward[0]), steps + 1
+        if terminated[0] or truncated[0]:  # the game has already been reset: rgb is the next game's first frame
+            return score, steps, True, rgb, new_lives
+        need_fire, lives = bool(new_lives[0] < lives[0]), new_lives
+        stack.push(agent_view(rgb), torch.zeros(1, dtype=torch.bool, device=device))
+    return score, steps, False, *game.reset()
+
+
+def play(args: argparse.Namespace) -> dict:
+    """Play args.episodes games; returns per-game scores, lengths, cleared flags and their mean."""
+    env_id = game_id(args)
+    device = pick_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # one state per forward pass: more threads only wait on each other
+    policy = load_network(args.checkpoint, device)
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no emulator banner among our messages
+    game = OneGame(env_id, args.seed)
+    n_actions = policy.act_fc2.out_features
+    if n_actions != len(game.actions):
+        raise UserError(f"{args.checkpoint} chooses among {n_actions} actions but {env_id} has "
+                        f"{len(game.actions)}; pass the --env it was trained on")
+    video = open_video(args.video) if args.video else None
+    note = lambda msg: print(msg, file=sys.stderr, flush=True)
+    note(f"playing {env_id} with {args.checkpoint} ({policy.conv1.in_channels} frames, {n_actions} actions) "
+         f"on {device}")
+    window = None
+    if not args.no_render and display_reachable():
+        window = Window(f"{env_id}: {Path(args.checkpoint).name}", args.fps)
+    elif not args.no_render:
+        note("no display available; playing headless")
+    result, rng = dict(scores=[], lengths=[], cleared=[]), np.random.default_rng(args.seed)
+    try:
+        rgb, lives = game.reset()
+        for i in range(args.episodes):
+            score, steps, ended, rgb, lives = play_game(policy, game, rgb, lives, args, rng, window, video)
+            for key, value in (("scores", score), ("lengths", steps), ("cleared", score >= WALL_CLEARED)):
+                result[key].append(value)
+            if not args.json:
+                cap = "" if ended else f" (stopped at --max-steps {args.max_steps})"
+                wall = "cleared the wall" if score >= WALL_CLEARED else "did not clear the wall"
+                print(f"game {i + 1}: score {score:.0f}, {steps} steps, {wall}{cap}", flush=True)
+    except WindowClosed:
+        note(f"window closed; stopping after {len(result['scores'])} finished game(s)")
+    finally:
+        if video is not None:
+            video.close()
+        if window is not None:
+            window.close()
+        game.close()
+    result["mean"] = float(np.mean(result["scores"])) if result["scores"] else None
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted."""
+    try:
+        args = parse_args(argv)
+        result = play(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result))
+    elif result["scores"]:
+        n, scores = len(result["scores"]), result["scores"]
+        print(f"{n} game(s): mean score {result['mean']:.1f}, best {max(scores):.0f}, "
+              f"{sum(result['cleared'])} of {n} cleared the wall")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
