@@ -653,7 +653,7 @@ class RunLog:
         self.csv = csv.DictWriter(self.file, METRIC_COLUMNS)
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step, flush_secs=10)
         except ImportError:
             print("note: the tensorboard package is not installed; metrics go to metrics.csv only")
             self.tb = None

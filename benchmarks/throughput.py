@@ -58,6 +58,20 @@ def seconds_per_update(device: torch.device, batch_size: int, frames: int, repea
     return (time.perf_counter() - start) / repeats
 
 
+def emulator_steps_per_s(env_id: str, games: int, seconds: float = 5.0) -> float:
+    """The ceiling: ale-py's vector environment alone, as the trainer configures it, random actions."""
+    env = tb.VectorGames(env_id, games, seed=1)
+    env.reset()
+    actions = [np.random.default_rng(i).integers(len(env.actions), size=games) for i in range(64)]
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        env.step(actions[steps % 64])
+        steps += 1
+    rate = steps * games / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20_000, help="agent steps per measured run")
@@ -70,6 +84,7 @@ def main() -> None:
     device = tb.pick_device(a.device)
     common = ["--steps", str(a.steps), "--memory", str(a.memory), "--envs", str(a.envs), "--device", a.device,
               "--batch-size", str(a.batch_size), "--seed", "1"]
+    ceiling = emulator_steps_per_s("ALE/Breakout-v5", a.envs) if a.envs > 1 else float("nan")
     off = run_trainer(common + ["--learn-start", str(10**15)])
     on = run_trainer(common + ["--learn-start", str(a.learn_start)])
     torch.set_num_threads(os.cpu_count() or 1)  # the trainer learns with every core
@@ -81,6 +96,7 @@ def main() -> None:
     rows = [("device", f"{device} ({name}), {torch.get_num_threads()} torch threads"),
             ("games stepped together", a.envs),
             ("agent steps per run", a.steps),
+            ("steps/s, emulator alone (ceiling)", f"{ceiling:.1f}"),
             ("steps/s, learning off", f"{off['steps'] / off['session_seconds']:.1f}"),
             ("steps/s, learning on", f"{on['steps'] / on['session_seconds']:.1f}"),
             ("gradient updates in the learning run", on["updates"]),
