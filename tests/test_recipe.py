@@ -86,28 +86,27 @@ def test_n_step_returns_match_hand_computed_values(tmp_path, monkeypatch):
     assert game.received[0] == 1 and game.received[7] == 1  # FIRE at the start of each life
 
 
-def test_n_step_target_bootstraps_gamma_to_the_n(monkeypatch):
-    captured = {}
+@pytest.fixture
+def captured(monkeypatch):
+    """The targets td_update hands to its loss, recorded at each call."""
+    seen = {}
 
     def capture(q, targets):
-        captured["targets"] = targets.clone()
+        seen["targets"] = targets.clone()
         return ((q - targets) ** 2).mean()
 
     monkeypatch.setattr(tb.F, "smooth_l1_loss", capture)
+    return seen
+
+
+def test_n_step_target_bootstraps_gamma_to_the_n(captured):
     policy, target = TableNet([[0.0, 0.0], [0.0, 0.0]]), TableNet([[1.0, 4.0], [2.0, 3.0]])
     batch = batch_of(states=[0, 1], actions=[0, 1], rewards=[0.5, 1.0], next_states=[0, 1], has_next=[True, False])
     tb.td_update(policy, target, torch.optim.SGD(policy.parameters(), lr=0.1), batch, gamma=0.9, n_step=3)
     assert captured["targets"].tolist() == pytest.approx([0.5 + 0.9 ** 3 * 4.0, 1.0])
 
 
-def test_double_dqn_lets_the_policy_pick_and_the_target_rate(monkeypatch):
-    captured = {}
-
-    def capture(q, targets):
-        captured["targets"] = targets.clone()
-        return ((q - targets) ** 2).mean()
-
-    monkeypatch.setattr(tb.F, "smooth_l1_loss", capture)
+def test_double_dqn_lets_the_policy_pick_and_the_target_rate(captured):
     # In next state 0 the policy prefers action 0, the target rates action 1 highest.
     policy, target = TableNet([[5.0, 1.0], [0.0, 0.0]]), TableNet([[2.0, 7.0], [0.0, 0.0]])
     batch = batch_of(states=[1], actions=[0], rewards=[0.0], next_states=[0], has_next=[True])
