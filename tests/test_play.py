@@ -358,11 +358,35 @@ def test_window_shows_the_game_upscaled_with_the_score_at_real_speed(xvfb, tutor
     assert seconds >= 3.0  # paced: unpaced, 60 steps take well under a second
 
 
-def test_fps_0_plays_as_fast_as_possible(xvfb, tutorial_pth):
-    proc = start_in_window(xvfb, tutorial_pth, "--max-steps", 60, "--fps", 0)
-    seconds, _ = seconds_on_screen(xvfb, f"ALE/Breakout-v5: {tutorial_pth.name}", proc)
-    assert proc.wait() == 0
-    assert seconds < 3.0  # at the default speed these 60 steps take 4 s
+def test_fps_0_never_waits_and_the_default_waits_for_each_steps_turn(tutorial_pth, monkeypatch, capfd):
+    """Pacing without a wall clock: what the window asks cv2.waitKey to wait, step by step."""
+    waits = []
+    monkeypatch.setattr(play, "display_reachable", lambda: True)
+    monkeypatch.setattr(play.cv2, "namedWindow", lambda *a: None)
+    monkeypatch.setattr(play.cv2, "imshow", lambda *a: None)
+    monkeypatch.setattr(play.cv2, "getWindowProperty", lambda *a: 1.0)
+    monkeypatch.setattr(play.cv2, "destroyAllWindows", lambda: None)
+    monkeypatch.setattr(play.cv2, "waitKey", lambda ms: waits.append(ms) or -1)
+    assert play.main([str(tutorial_pth), "--max-steps", "30", "--fps", "0", "--json"]) == 0
+    assert len(waits) >= 30 and set(waits) == {1}  # the shortest wait that still runs the window's events
+    waits.clear()
+    # A clock that moves 1 ms per reading (the work of a step) and by whatever the window waits.
+    now = [0.0]
+
+    def reading():
+        now[0] += 0.001
+        return now[0]
+
+    def wait(ms):
+        waits.append(ms)
+        now[0] += ms / 1000
+        return -1
+
+    monkeypatch.setattr(play.time, "perf_counter", reading)
+    monkeypatch.setattr(play.cv2, "waitKey", wait)
+    assert play.main([str(tutorial_pth), "--max-steps", "30", "--json"]) == 0
+    assert len(waits) >= 30 and all(60 <= ms <= 67 for ms in waits[1:30])  # each step's turn: 1/15 s on
+    capfd.readouterr()
 
 
 def test_closing_the_window_stops_cleanly(xvfb, tutorial_pth):
