@@ -218,12 +218,11 @@ class OneGame:
 
     can_save_state = True
 
-    def __init__(self, env_id: str, seed: int, render_mode: Optional[str] = None):
-        import ale_py
+    def __init__(self, env_id: str, seed: int):
         import gymnasium as gym
-        ale_settings(env_id)
+        ale_settings(env_id)  # also registers the ALE ids with Gymnasium
         self.n = 1
-        self.env = gym.make(env_id, render_mode=render_mode)
+        self.env = gym.make(env_id)
         self.ale = self.env.unwrapped.ale
         self.actions = list(self.ale.getMinimalActionSet())
         self.seeds = np.random.default_rng(seed)  # seeds of successive games, as the tutorial drew them
