@@ -142,7 +142,7 @@ def play_game(policy: torch.nn.Module, game: OneGame, rgb: np.ndarray, lives: np
     device = next(policy.parameters()).device
     agent_view = lambda rgb: torch.from_numpy(preprocess_all(rgb, None)).to(device)  # no erasing at play time
     stack = FrameStack(1, policy.conv1.in_channels, device)
-    stack.push(agent_view(rgb), torch.ones(1, dtype=torch.bool, device=device))
+    stack.push(agent_view(rgb), np.ones(1, bool))
     fire, n_actions = fire_action(game.actions), len(game.actions)
     need_fire, score, steps = True, 0.0, 0
     while steps < args.max_steps:
@@ -150,7 +150,7 @@ def play_game(policy: torch.nn.Module, game: OneGame, rgb: np.ndarray, lives: np
             window.show(rgb[0], score)
         if video is not None:
             video.add(rgb[0], score)
-        actions = choose_actions(policy, stack.frames, args.eps, n_actions, rng)
+        actions = choose_actions(policy, stack, args.eps, n_actions, rng)
         if need_fire and fire is not None:
             actions[0] = fire  # serve the ball: a life starts only when FIRE is pressed
         rgb, reward, terminated, truncated, new_lives = game.step(actions)
@@ -158,7 +158,7 @@ def play_game(policy: torch.nn.Module, game: OneGame, rgb: np.ndarray, lives: np
         if terminated[0] or truncated[0]:  # the game has already been reset: rgb is the next game's first frame
             return score, steps, True, rgb, new_lives
         need_fire, lives = bool(new_lives[0] < lives[0]), new_lives
-        stack.push(agent_view(rgb), torch.zeros(1, dtype=torch.bool, device=device))
+        stack.push(agent_view(rgb), np.zeros(1, bool))
     return score, steps, False, *game.reset()
 
 

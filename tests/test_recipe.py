@@ -24,6 +24,7 @@ class ScriptedGame:
 
     can_save_state = False
     n = 1
+    screen_lut = None  # RGB frames
 
     def __init__(self, rewards, lives):
         self.rewards, self.lives, self.t, self.received = rewards, lives, 0, []

@@ -308,6 +308,7 @@ class ScriptedGames:
 
     can_save_state = False
     n = 1
+    screen_lut = None  # RGB frames
     actions = BREAKOUT_ACTIONS
 
     def __init__(self, script):
@@ -360,7 +361,7 @@ def train_scripted(tmp_path, monkeypatch, *flags):
     real_choose = tb.choose_actions
 
     def recording_choose(policy, stacks, *rest):
-        seen.append(stacks.clone())
+        seen.append((stacks.frames if isinstance(stacks, tb.FrameStack) else stacks).clone())
         return real_choose(policy, stacks, *rest)
 
     monkeypatch.setattr(tb, "choose_actions", recording_choose)
@@ -786,7 +787,7 @@ def test_vector_games_equal_separately_seeded_single_games():
     assert [a.name for a in together.actions] == ["NOOP", "FIRE", "RIGHT", "LEFT"]
     actions = np.random.default_rng(0).integers(0, 4, (steps, n))
     frames, lives = together.reset()
-    assert frames.shape == (n, 210, 160, 3) and frames.dtype == np.uint8 and lives.tolist() == [5] * n
+    assert frames.shape == (n, 210, 160) and frames.dtype == np.uint8 and lives.tolist() == [5] * n  # ALE's grey
     for i, game in enumerate(alone):
         f, l = game.reset()
         assert np.array_equal(frames[i], f[0]) and lives[i] == l[0]
@@ -805,3 +806,28 @@ def test_vector_games_equal_separately_seeded_single_games():
     for game in [together, *alone]:
         game.close()
     assert lost > 0 and ended > 0 and differ  # lost lives and new games (autoreset) were compared too
+
+
+def test_emulator_grey_gives_exactly_the_tutorials_frames():
+    """The vector environment hands Breakout over as the emulator's greyscale; through BREAKOUT_GREY it must
+    give the very frames the tutorial's BGR2GRAY of the RGB screen gives, pixel for pixel."""
+    n, seed, steps = 4, 5, 400
+    grey, rgb = tb.VectorGames("ALE/Breakout-v5", n, seed), tb.VectorGames("ALE/Breakout-v5", n, seed, rgb=True)
+    assert grey.screen_lut is not None and rgb.screen_lut is None
+    rng = np.random.default_rng(1)
+    g, _ = grey.reset()
+    c, _ = rgb.reset()
+    levels = set()
+    for t in range(steps):
+        assert g.shape == (n, 210, 160) and c.shape == (n, 210, 160, 3)
+        levels |= set(np.unique(g).tolist())
+        assert np.array_equal(tb.preprocess_all(g, None, grey.screen_lut), tb.preprocess_all(c, None)), f"step {t}"
+        actions = np.where(rng.random(n) < 0.2, 1, rng.integers(0, 4, n))  # FIRE often, so balls fly
+        g, c = grey.step(actions)[0], rgb.step(actions)[0]
+    assert levels <= set(tb.BREAKOUT_GREY) and len(levels) >= 7  # every colour seen has its own entry
+    # The batch path against one frame through cv2 by hand, as the tutorial wrote it.
+    by_hand = [cv2.resize(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)[32:, 8:152], (84, 84)) for f in c]
+    assert np.array_equal(tb.preprocess_all(c, None), np.stack(by_hand))
+    assert np.array_equal(tb.preprocess_all(g, None, grey.screen_lut), np.stack(by_hand))
+    grey.close()
+    rgb.close()
