@@ -1146,8 +1146,14 @@ def train(args: Args, given: set) -> dict:
 
     stop = StopRequest()
     try:
-        bar = tqdm(total=args.episodes, initial=min(c["episodes"], args.episodes), unit="ep", desc="training",
-                   dynamic_ncols=True, mininterval=1.0)
+        # The bar follows the budget that was given: minutes (in seconds), else agent steps, else episodes.
+        if args.minutes is not None:
+            total, unit, progress = round(60 * args.minutes), "s", lambda: min(int(elapsed()), total)
+        elif args.steps is not None:
+            total, unit, progress = args.steps, "step", lambda: min(c["steps"], total)
+        else:
+            total, unit, progress = args.episodes, "ep", lambda: min(c["episodes"], total)
+        bar = tqdm(total=total, initial=progress(), unit=unit, desc="training", dynamic_ncols=True, mininterval=1.0)
         last_checkpoint = time.time()
         rate_time, rate_steps, sps = time.time(), c["steps"], 0.0
         while budget_left() and stop.signal is None:
@@ -1242,8 +1248,8 @@ def train(args: Args, given: set) -> dict:
                 g["life_score"][i] = 0
             for i in np.flatnonzero(game_over):
                 record_game(i, sps)
+            bar.update(progress() - bar.n)
             if done.any():
-                bar.update(min(c["episodes"], args.episodes) - bar.n)
                 recent = [row[2] for row in history["games"][-100:]]
                 bar.set_postfix(score=f"{np.mean(recent):.1f}" if recent else "-",
                                 eps=f"{epsilon(c['steps'], args):.3f}", sps=f"{sps:.0f}", refresh=False)

@@ -776,6 +776,13 @@ def test_resume_with_more_episodes_goes_on_counting_episodes(trained_run, tmp_pa
     assert p.stdout.strip().splitlines()[-1].startswith(f"done: {after['episodes']} episodes")
 
 
+def test_the_progress_bar_follows_the_budget_given(trained_run, tmp_path):
+    assert "10/10 [" in trained_run[1].stderr  # episodes by default
+    p = run_script("--checkpoints", str(tmp_path / "run"), "--steps", "300", *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"100%\|[^|]*\| 300/300 \[.*step/s", p.stderr), p.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------------
 # 10. Vectorised games
 # ---------------------------------------------------------------------------------------------------
