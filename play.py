@@ -12,6 +12,7 @@ import argparse
 import ctypes
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,19 @@ def display_reachable() -> bool:
     return bool(display)
 
 
+def window_fails() -> str:
+    """Why OpenCV's window cannot open here ("" when it can). Its bundled Qt aborts the whole process when
+    it cannot start (missing xcb libraries, say), so a throw-away process tries first."""
+    probe = "import cv2; cv2.namedWindow('probe'); cv2.waitKey(1); cv2.destroyAllWindows()"
+    try:
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "QT_LOGGING_RULES": "default.warning=false"})
+    except subprocess.TimeoutExpired:
+        return "opening a test window took over a minute"
+    lines = [line.strip() for line in r.stderr.splitlines() if line.strip()]
+    return "" if r.returncode == 0 else (lines[0][:200] if lines else f"exit status {r.returncode}")
+
+
 class Window:
     """The game, upscaled, with the score drawn on it, paced at `fps` agent steps per second (0: no pacing)."""
 
@@ -180,10 +194,12 @@ def play(args: argparse.Namespace) -> dict:
     note(f"playing {env_id} with {args.checkpoint} ({policy.conv1.in_channels} frames, {n_actions} actions) "
          f"on {device}")
     window = None
-    if not args.no_render and display_reachable():
-        window = Window(f"{env_id}: {Path(args.checkpoint).name}", args.fps)
-    elif not args.no_render:
+    if not args.no_render and not display_reachable():
         note("no display available; playing headless")
+    elif not args.no_render and (problem := window_fails()):
+        note(f"the window cannot open here ({problem}); playing headless")
+    elif not args.no_render:
+        window = Window(f"{env_id}: {Path(args.checkpoint).name}", args.fps)
     result, rng = dict(scores=[], lengths=[], cleared=[]), np.random.default_rng(args.seed)
     try:
         rgb, lives = game.reset()

@@ -327,18 +327,19 @@ def close_window(display: str, title: str) -> bool:
 def start_in_window(display: str, pth: Path, *flags) -> subprocess.Popen:
     """play.py with a window on `display`, running. Once on a CI machine the bundled Qt failed to connect
     to a display that answered a moment before and after ("no Qt platform plugin could be initialized");
-    such a start, which dies within seconds before any window appears, is tried again, twice at most."""
+    a start where Qt failed before any window appeared is tried again, twice at most."""
     for attempt in range(3):
         proc = subprocess.Popen([sys.executable, str(ROOT / "play.py"), str(pth), *map(str, flags)], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "DISPLAY": display})
-        deadline = time.time() + 60
-        while proc.poll() is None and screenshot(display, title_of(pth)) is None and time.time() < deadline:
+        deadline, seen = time.time() + 60, False
+        while not seen and proc.poll() is None and time.time() < deadline:
+            seen = screenshot(display, title_of(pth)) is not None
             time.sleep(0.05)
-        if proc.poll() is None or proc.returncode == 0 or attempt == 2:
+        if seen or proc.poll() is None or attempt == 2:
             return proc
         out, err = proc.communicate()
-        if "Qt platform plugin" not in err:
+        if "Qt platform plugin" not in err and "the window cannot open here" not in err:
             raise AssertionError(f"play.py exited {proc.returncode} before its window appeared:\n{err}")
         print(f"Qt did not start (attempt {attempt + 1}), trying again:\n{err}", file=sys.stderr)
     return proc
@@ -380,6 +381,7 @@ def test_fps_0_never_waits_and_the_default_waits_for_each_steps_turn(tutorial_pt
     """Pacing without a wall clock: what the window asks cv2.waitKey to wait, step by step."""
     waits = []
     monkeypatch.setattr(play, "display_reachable", lambda: True)
+    monkeypatch.setattr(play, "window_fails", lambda: "")
     monkeypatch.setattr(play.cv2, "namedWindow", lambda *a: None)
     monkeypatch.setattr(play.cv2, "imshow", lambda *a: None)
     monkeypatch.setattr(play.cv2, "getWindowProperty", lambda *a: 1.0)
@@ -422,3 +424,12 @@ def test_unreachable_display_plays_headless(tutorial_pth):
     r = run_play(tutorial_pth, "--max-steps", 5, "--json", env={"DISPLAY": ":98765"})
     assert r.returncode == 0, r.stderr
     assert "playing headless" in r.stderr and json.loads(r.stdout)["lengths"] == [5]
+
+
+def test_a_window_that_cannot_start_plays_headless(xvfb, tutorial_pth):
+    """OpenCV's Qt aborts the process when it cannot start (here: a platform plugin that does not exist);
+    play.py notices before opening its window and plays on without one."""
+    r = run_play(tutorial_pth, "--max-steps", 5, "--json", env={"DISPLAY": xvfb, "QT_QPA_PLATFORM": "nonesuch"})
+    assert r.returncode == 0, r.stderr
+    assert "the window cannot open here (" in r.stderr and "playing headless" in r.stderr
+    assert json.loads(r.stdout)["lengths"] == [5] and "Traceback" not in r.stderr
