@@ -429,18 +429,20 @@ class ReplayMemory:
         older_than_start = (torch.cumsum(starts, dim=1) - starts) > 0
         return frames.masked_fill_(older_than_start.view(*starts.shape, 1, 1), 0)
 
-    def stacks(self, game: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """(B,) games and newest slots to (B, depth, 84, 84) uint8 stacks, zeros before a game's start."""
-        return self._clear_before_game_start(*self._window(game, slot, self.depth))
+    def stacks(self, game: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) games and newest slots to the states and the next states `n_step` slots on: two (B, depth,
+        84, 84) uint8 stacks, zeros before a game's start. They share frames, so depth + n slots are
+        gathered once."""
+        n, d = self.n_step, self.depth
+        frames, starts = self._window(game, slot + n, d + n)
+        next_states = self._clear_before_game_start(frames[:, :d].clone(), starts[:, :d])
+        states = self._clear_before_game_start(frames[:, n:], starts[:, n:])
+        return states, next_states
 
     def sample(self, batch_size: int, generator: torch.Generator):
         """Uniform batch: states, actions, rewards, next states, has_next; all on the device."""
         i = torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
-        # A state and its next state n slots on share frames: gather depth + n slots once.
-        n, d = self.n_step, self.depth
-        frames, starts = self._window(self.game[i], self.slot[i] + n, d + n)
-        next_states = self._clear_before_game_start(frames[:, :d].clone(), starts[:, :d])
-        states = self._clear_before_game_start(frames[:, n:], starts[:, n:])
+        states, next_states = self.stacks(self.game[i], self.slot[i])
         return states, self.action[i], self.reward[i], next_states, self.has_next[i]
 
     def arrays(self) -> dict:
