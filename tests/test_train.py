@@ -113,7 +113,8 @@ def test_random_erasing_zeroes_4x10_patches_in_the_brick_rows_only():
 
 def test_preprocess_all_without_a_generator_erases_nothing():
     rgb = np.stack([frame_of(seed=s) for s in range(4)])
-    assert np.array_equal(tb.preprocess_all(rgb, None), np.stack([tb.preprocess(f) for f in rgb]))
+    by_hand = [cv2.resize(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)[32:, 8:152], (84, 84)) for f in rgb]
+    assert np.array_equal(tb.preprocess_all(rgb, None), np.stack(by_hand))
 
 
 # ---------------------------------------------------------------------------------------------------
