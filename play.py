@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from train_breakout import (WALL_CLEARED, FrameStack, HelpFormatter, OneGame, UserError, VideoWriter,
-                            choose_actions, draw_frame, fire_action, load_network, pick_device, preprocess_all)
+                            choose_actions, draw_frame, fire_action, load_network, pick_device, preprocess_all,
+                            run_command)
 
 DEFAULT_ENV = "ALE/Breakout-v5"
 REAL_SPEED = 60 / 4  # agent steps per second: ALE runs 60 frames/s and each step is 4 frames
@@ -225,22 +226,16 @@ def play(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted."""
-    try:
+    def body():
         args = parse_args(argv)
         result = play(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(result))
-    elif result["scores"]:
-        n, scores = len(result["scores"]), result["scores"]
-        print(f"{n} game(s): mean score {result['mean']:.1f}, best {max(scores):.0f}, "
-              f"{sum(result['cleared'])} of {n} cleared the wall")
-    return 0
+        if args.json:
+            print(json.dumps(result))
+        elif result["scores"]:
+            n, scores = len(result["scores"]), result["scores"]
+            print(f"{n} game(s): mean score {result['mean']:.1f}, best {max(scores):.0f}, "
+                  f"{sum(result['cleared'])} of {n} cleared the wall")
+    return run_command(body, "interrupted")
 
 
 if __name__ == "__main__":

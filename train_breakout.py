@@ -1291,17 +1291,22 @@ def train(args: Args, given: set) -> dict:
     return summary
 
 
-def main(argv=None) -> int:
+def run_command(body, interrupted: str) -> int:
+    """Exit status of a command (this file's and play.py's): 0 done, 2 bad input (one line on stderr, no
+    traceback), 130 interrupted (the line `interrupted` on stderr)."""
     try:
-        args, given = parse_args(argv)
-        train(args, given)
+        body()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last complete checkpoint is kept", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(lambda: train(*parse_args(argv)), "interrupted; the last complete checkpoint is kept")
 
 
 if __name__ == "__main__":
