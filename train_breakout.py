@@ -541,7 +541,7 @@ def load_network(path: str, device: torch.device) -> DuelingNetwork:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Exploration: epsilon-greedy with the tutorial's exponential schedule over all agent steps.
+# Exploration: epsilon-greedy; the schedule is the tutorial's exponential decay, or linear (--recipe fast).
 # ---------------------------------------------------------------------------------------------------
 def epsilon(step: int, a: Args) -> float:
     if a.eps_schedule == "linear":
