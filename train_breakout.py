@@ -219,24 +219,35 @@ class VectorGames:
 
 
 class OneGame:
-    """One game through `gym.make`, as the tutorial ran it. Its emulator state (with the sticky-action
-    random state) can be saved, so a run with --envs 1 resumes exactly."""
+    """One game through `gym.make`, as the tutorial ran it, with the sticky actions drawn here.
+
+    Sticky actions: each emulator frame repeats the previous frame's action with probability 0.25 (the id's
+    setting). ALE draws them itself and keeps the held action outside its saved state, so a game restored
+    from a checkpoint would go on holding a different action. Drawing them here, exactly as ALE does (frame
+    by frame, the held action NOOP at the start of a game), lets `get_state` hold everything, and a run with
+    --envs 1 resumes exactly. The sticky draws are then the only randomness in a game, so a new game needs
+    no reseeding of the emulator (which reloads the ROM, 0.1 s)."""
 
     can_save_state = True
 
     screen_lut = None  # RGB frames
 
     def __init__(self, env_id: str, seed: int):
+        import ale_py
         import gymnasium as gym
-        ale_settings(env_id)  # also registers the ALE ids with Gymnasium
-        self.n = 1
-        self.env = gym.make(env_id)
+        s = ale_settings(env_id)  # also registers the ALE ids with Gymnasium
+        self.n, self.noop = 1, ale_py.Action.NOOP
+        self.frameskip, self.sticky = s["frameskip"], s["repeat_action_probability"]
+        self.env = gym.make(env_id, frameskip=1, repeat_action_probability=0.0)
         self.ale = self.env.unwrapped.ale
         self.actions = list(self.ale.getMinimalActionSet())
-        self.seeds = np.random.default_rng(seed)  # seeds of successive games, as the tutorial drew them
+        self.seeds = np.random.default_rng(seed)  # seeds of successive games' sticky draws
+        self.sticky_rng, self.held = np.random.default_rng(0), self.noop
 
     def _new_game(self):
-        frame, info = self.env.reset(seed=int(self.seeds.integers(2**24)))
+        seed = int(self.seeds.integers(2**24))
+        frame, info = self.env.reset()
+        self.sticky_rng, self.held = np.random.default_rng(seed), self.noop  # as after ALE's reset
         return frame, info["lives"]
 
     def reset(self):
@@ -244,22 +255,32 @@ class OneGame:
         return frame[None], np.array([lives])
 
     def step(self, actions: np.ndarray):
-        frame, reward, terminated, truncated, info = self.env.step(int(actions[0]))
-        lives = info["lives"]
+        action, reward = self.actions[int(actions[0])], 0.0
+        for draw in self.sticky_rng.random(self.frameskip):
+            if draw >= self.sticky:
+                self.held = action
+            reward += self.ale.act(self.held)
+        terminated, truncated = self.ale.game_over(with_truncation=False), self.ale.game_truncated()
+        frame, lives = self.ale.getScreenRGB(), self.ale.lives()
         if terminated or truncated:
             frame, lives = self._new_game()
         return (frame[None], np.array([reward], np.float32), np.array([terminated]), np.array([truncated]),
                 np.array([lives]))
 
-    def get_state(self) -> dict:
-        state = np.frombuffer(self.ale.cloneState(include_rng=True).serialize(), np.uint8)
-        return dict(emulator=state, seeds=self.seeds.bit_generator.state)
+    def get_state(self) -> tuple[np.ndarray, dict]:
+        """The emulator's bytes, and (as JSON) the game seeds, the sticky-action draws and the held action."""
+        # ALE's own random state is left out: with the sticky draws made here it decides nothing.
+        emulator = np.frombuffer(self.ale.cloneState(include_rng=False).serialize(), np.uint8)
+        return emulator, dict(seeds=self.seeds.bit_generator.state, sticky=self.sticky_rng.bit_generator.state,
+                              held=self.held.value)
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, emulator: np.ndarray, state: dict) -> None:
         import ale_py
-        self.env.reset(seed=0)  # Gymnasium refuses step() before a reset; the restore below overrides it
-        self.ale.restoreState(ale_py.ALEState(state["emulator"].tobytes()))
+        self.env.reset()  # Gymnasium refuses step() before a reset; the restore below overrides it
+        self.ale.restoreState(ale_py.ALEState(emulator.tobytes()))
         self.seeds.bit_generator.state = state["seeds"]
+        self.sticky_rng.bit_generator.state = state["sticky"]
+        self.held = ale_py.Action(state["held"])
 
     def close(self):
         self.env.close()
@@ -1064,7 +1085,7 @@ def train(args: Args, given: set) -> dict:
                 c[key] = (c[unit] // every + 1) * every if every else None
         history = {k: arrays[f"history_{k}"].reshape(-1, w).tolist() for k, w in widths.items()}
         if games.can_save_state and "emulator" in arrays:
-            games.set_state(dict(emulator=arrays["emulator"], seeds=state["games"]))
+            games.set_state(arrays["emulator"], state["games"])
             g = {k: np.array(arrays[f"game_{k}"]) for k in fresh_game_state()}
             stack.frames = tensors["stack"].to(device)
         else:
@@ -1092,8 +1113,7 @@ def train(args: Args, given: set) -> dict:
         arrays.update({f"history_{k}": np.asarray(v, float).reshape(-1, widths[k]) for k, v in history.items()})
         state = dict(counters={**c, "seconds": elapsed()}, numpy=rng.bit_generator.state, rng=rng_json)
         if games.can_save_state:
-            emulator = games.get_state()
-            arrays["emulator"], state["games"] = emulator["emulator"], emulator["seeds"]
+            arrays["emulator"], state["games"] = games.get_state()
         try:
             folder = save_checkpoint(run_dir / "resume", f"{c['steps']:012d}", tensors, arrays, state)
         except OSError as e:

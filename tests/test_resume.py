@@ -58,24 +58,10 @@ def score_rows(run: Path) -> list:
         return [(r["kind"], r["step"], r["episode"], r["score"], r["loss"], r["mean_q"]) for r in csv.DictReader(f)]
 
 
-def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    train(straight, "--steps", "3000")
-
-    proc = start(stopped, "--steps", "3000")
-    wait_for_games(stopped, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
-    assert "--resume" in out  # it says how to continue
-    first_stop = int(final_checkpoint(stopped).name)
-    assert 0 < first_stop < 3000
-
-    resumed = train(stopped, "--resume")
-    assert f"agent step {first_stop}" in resumed.stdout
-
+def assert_same_run(straight: Path, stopped: Path) -> None:
+    """The two runs' last checkpoints, logs and snapshots agree bit for bit (wall-clock times aside)."""
     a, b = final_checkpoint(straight), final_checkpoint(stopped)
-    assert a.name == b.name == f"{3000:012d}"
+    assert a.name == b.name
     ta, tb_ = (torch.load(x / "model.pt", weights_only=True) for x in (a, b))
     for net in ("policy", "target"):
         for k in ta[net]:
@@ -90,8 +76,37 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     sa["counters"].pop("seconds"), sb["counters"].pop("seconds")
     assert sa == sb
     assert score_rows(straight) == score_rows(stopped)
-    assert tb.load_network(str(straight / "best.pth"), torch.device("cpu")) is not None
     assert (stopped / "20.pth").read_bytes() == (straight / "20.pth").read_bytes()
+
+
+def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
+    straight, stopped, mid_game = tmp_path / "straight", tmp_path / "stopped", tmp_path / "mid_game"
+    train(straight, "--steps", "3000")
+    assert final_checkpoint(straight).name == f"{3000:012d}"
+    assert tb.load_network(str(straight / "best.pth"), torch.device("cpu")) is not None
+
+    # SIGTERM: the run finishes its step, saves, says how to go on, and the resumed run ends where the
+    # uninterrupted one did.
+    proc = start(stopped, "--steps", "3000")
+    wait_for_games(stopped, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "--resume" in out  # it says how to continue
+    first_stop = int(final_checkpoint(stopped).name)
+    assert 0 < first_stop < 3000
+    resumed = train(stopped, "--resume")
+    assert f"agent step {first_stop}" in resumed.stdout
+    assert_same_run(straight, stopped)
+
+    # A signal tends to land just after a game ends (the test waits for one), where a fresh game holds no
+    # state. Stop once more in the middle of a game, learning, with the paddle moving: the emulator, the
+    # sticky action it holds and the frame stack must all come back.
+    game_ends = [int(r[1]) for r in score_rows(straight) if r[0] == "game"]
+    middle = next(end for end in game_ends if end > 1000) - 37
+    train(mid_game, "--steps", str(middle))
+    train(mid_game, "--resume", "--steps", "3000")
+    assert_same_run(straight, mid_game)
 
 
 def test_ctrl_c_saves_and_resume_extends_a_finished_run(tmp_path):
@@ -176,3 +191,20 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tmp_pa
     assert "could not write a checkpoint (No space left on device)" in capsys.readouterr().out
     assert final_checkpoint(run).name == f"{200:012d}"
     assert not list((run / "resume").glob(".tmp-*"))
+
+
+def test_a_restored_game_plays_on_exactly_as_the_saved_one():
+    """Every part of a game's state is in its checkpoint, the sticky action being held included (ALE's own
+    saved state leaves that out)."""
+    rng = np.random.default_rng(0)
+    game, copy = tb.OneGame("ALE/Breakout-v5", 5), tb.OneGame("ALE/Breakout-v5", 6)
+    game.reset(), copy.reset()
+    for point in range(40):
+        for action in rng.integers(0, len(game.actions), (10, 1)):
+            game.step(action)
+        emulator, state = game.get_state()
+        copy.set_state(emulator.copy(), json.loads(json.dumps(state)))  # as it goes through state.json
+        for action in rng.integers(0, len(game.actions), (10, 1)):
+            a, b = game.step(action), copy.step(action)
+            for x, y in zip(a, b):
+                assert np.array_equal(x, y), f"the restored game differs after restore {point}"
