@@ -1084,13 +1084,15 @@ def train(args: Args, given: set) -> dict:
                 every = getattr(args, flag)
                 c[key] = (c[unit] // every + 1) * every if every else None
         history = {k: arrays[f"history_{k}"].reshape(-1, w).tolist() for k, w in widths.items()}
-        if games.can_save_state and "emulator" in arrays:
+        if games.can_save_state and "emulator" in arrays and "held" in state.get("games", {}):
             games.set_state(arrays["emulator"], state["games"])
             g = {k: np.array(arrays[f"game_{k}"]) for k in fresh_game_state()}
             stack.frames = tensors["stack"].to(device)
         else:
-            print("note: ale-py's vector environment cannot save its games, so they start afresh; the "
-                  "transitions being built when the checkpoint was taken are dropped", flush=True)
+            why = ("this checkpoint's game was saved by an older version, without its held sticky action"
+                   if games.can_save_state else "ale-py's vector environment cannot save its games")
+            print(f"note: {why}, so the games start afresh; the transitions being built when the checkpoint was "
+                  "taken are dropped", flush=True)
             g = start_games(np.array(arrays["game_env_steps"]))
         print(f"resumed from {folder}: episode {c['episodes']}, agent step {c['steps']}", flush=True)
 
