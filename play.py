@@ -172,7 +172,10 @@ def play_game(policy: torch.nn.Module, game: OneGame, rgb: np.ndarray, lives: np
         score, steps = score + float(reward[0]), steps + 1
         if terminated[0] or truncated[0]:  # the game has already been reset: rgb is the next game's first frame
             return score, steps, True, rgb, new_lives
-        need_fire, lives = bool(new_lives[0] < lives[0]), new_lives
+        # Sticky actions swallow a FIRE when all 4 of its frames repeat the previous action (1 life in 256);
+        # a greedy agent that never presses FIRE itself would then wait for --max-steps. Press it again.
+        swallowed = need_fire and fire is not None and game.held != game.actions[fire]
+        need_fire, lives = bool(new_lives[0] < lives[0]) or swallowed, new_lives
         stack.push(agent_view(rgb), np.zeros(1, bool))
     return score, steps, False, *game.reset()
 

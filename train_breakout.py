@@ -242,7 +242,8 @@ class OneGame:
         self.ale = self.env.unwrapped.ale
         self.actions = list(self.ale.getMinimalActionSet())
         self.seeds = np.random.default_rng(seed)  # seeds of successive games' sticky draws
-        self.sticky_rng, self.held = np.random.default_rng(0), self.noop
+        self.sticky_rng = np.random.default_rng(0)
+        self.held = self.noop  # the action the emulator applied in the last frame
 
     def _new_game(self):
         seed = int(self.seeds.integers(2**24))

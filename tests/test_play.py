@@ -186,9 +186,10 @@ def test_seed_eps_and_env(tutorial_pth, tmp_path, capfd):
 class ScriptedGame:
     """Lives follow a script; the step that ends a game returns the next game's first frame, as OneGame does."""
 
-    def __init__(self, lives: list[int]):
+    def __init__(self, lives: list[int], swallowed: tuple = ()):
         self.lives, self.t, self.received, self.resets = lives, 0, [], 0
         self.actions = [ale_py.Action.NOOP, ale_py.Action.FIRE, ale_py.Action.RIGHT, ale_py.Action.LEFT]
+        self.held, self.swallowed = ale_py.Action.NOOP, swallowed  # steps whose action sticky frames swallow
 
     def frame(self) -> np.ndarray:
         return np.full((1, 210, 160, 3), 1 + self.t % 250, np.uint8)
@@ -199,6 +200,8 @@ class ScriptedGame:
 
     def step(self, actions: np.ndarray):
         self.received.append(int(actions[0]))
+        if self.t not in self.swallowed:
+            self.held = self.actions[int(actions[0])]
         self.t += 1
         over = self.lives[self.t] == 0
         lives = self.lives[0] if over else self.lives[self.t]
@@ -240,6 +243,13 @@ def test_fire_at_each_life_start_and_the_frames_the_agent_acted_on():
         for j in range(6):
             assert torch.allclose(x[0, j], torch.tensor((k - j + 1) / 255 if j <= k else 0.0)), (k, j)
     assert torch.allclose(policy.inputs[6][0, 0], torch.tensor(7 / 255)) and not policy.inputs[6][0, 1:].any()
+
+
+def test_a_fire_swallowed_by_sticky_actions_is_pressed_again():
+    game = ScriptedGame([3, 3, 3, 2, 2, 2, 2, 0, 3], swallowed=(0, 3, 4))
+    play.play_game(NoopPolicy(), game, *game.reset(), argparse.Namespace(max_steps=100, eps=0.0),
+                   np.random.default_rng(0), None, None)
+    assert game.received == [1, 1, 0, 1, 1, 1, 0]  # again after each FIRE the emulator never applied
 
 
 def test_max_steps_ends_the_game_and_starts_a_fresh_one():
