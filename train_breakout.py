@@ -571,15 +571,15 @@ def epsilon(step: int, a: Args) -> float:
     return a.eps_end + (a.eps_start - a.eps_end) * math.exp(-step / a.eps_decay)
 
 
-def choose_actions(policy: nn.Module, stacks: "torch.Tensor | FrameStack", eps: float, n_actions: int,
+def choose_actions(policy: nn.Module, stack: FrameStack, eps: float, n_actions: int,
                    rng: np.random.Generator) -> np.ndarray:
-    """Epsilon-greedy actions for a batch of stacks; one forward pass, only for the games that need it."""
-    n = len(stacks)
+    """Epsilon-greedy actions for every game of `stack`; one forward pass, only for the games that need it."""
+    n = len(stack)
     explore = rng.random(n) < eps
     actions = rng.integers(n_actions, size=n)
     greedy = np.flatnonzero(~explore)
     if len(greedy):
-        stacks = stacks.frames if isinstance(stacks, FrameStack) else stacks  # ordered only when needed
+        stacks = stack.frames  # put in order only when a forward pass needs them
         with torch.no_grad():
             q = policy(as_input(stacks[torch.from_numpy(greedy).to(stacks.device)]))
         actions[greedy] = q.argmax(1).cpu().numpy()

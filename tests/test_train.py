@@ -361,9 +361,9 @@ def train_scripted(tmp_path, monkeypatch, *flags):
     monkeypatch.setattr(tb, "make_games", lambda *a: calls.append(a) or games)
     real_choose = tb.choose_actions
 
-    def recording_choose(policy, stacks, *rest):
-        seen.append((stacks.frames if isinstance(stacks, tb.FrameStack) else stacks).clone())
-        return real_choose(policy, stacks, *rest)
+    def recording_choose(policy, stack, *rest):
+        seen.append(stack.frames.clone())
+        return real_choose(policy, stack, *rest)
 
     monkeypatch.setattr(tb, "choose_actions", recording_choose)
     run = tmp_path / "run"
@@ -563,8 +563,10 @@ def test_choose_actions_is_greedy_at_epsilon_0_and_uniform_at_1():
     stacks = torch.randint(0, 256, (64, 6, 84, 84), dtype=torch.uint8)
     with torch.no_grad():
         greedy = net(stacks.float() / 255).argmax(1).numpy()
-    assert np.array_equal(tb.choose_actions(net, stacks, 0.0, 4, np.random.default_rng(0)), greedy)
-    counts = np.bincount(np.concatenate([tb.choose_actions(net, stacks[:2], 1.0, 4, np.random.default_rng(s))
+    stack, two = tb.FrameStack(64, 6, torch.device("cpu")), tb.FrameStack(2, 6, torch.device("cpu"))
+    stack.frames, two.frames = stacks, stacks[:2]
+    assert np.array_equal(tb.choose_actions(net, stack, 0.0, 4, np.random.default_rng(0)), greedy)
+    counts = np.bincount(np.concatenate([tb.choose_actions(net, two, 1.0, 4, np.random.default_rng(s))
                                          for s in range(1000)]), minlength=4)
     assert counts.min() > 0.2 * 2000
 
