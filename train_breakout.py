@@ -307,11 +307,6 @@ SIZE = 84
 ERASE_TRIES, ERASE_P, ERASE_H, ERASE_W, ERASE_ROWS, ERASE_COLS = 10, 0.1, 4, 10, (10, 25), (0, 70)
 
 
-def preprocess(rgb: np.ndarray) -> np.ndarray:
-    """One RGB frame (210x160x3) to the agent's 84x84 uint8 frame."""
-    return preprocess_all(rgb[None], None)[0]
-
-
 # Breakout draws with nine colours of the emulator's palette. ALE's own greyscale of each (0.2989 R +
 # 0.5870 G + 0.1140 B) is distinct, so it determines the grey the tutorial's COLOR_BGR2GRAY of the RGB
 # frame gives (0.114 R + 0.587 G + 0.299 B): {ALE grey: tutorial grey}, read off the emulator's RGB and

@@ -35,15 +35,24 @@ def frame_of(rows: int = 210, cols: int = 160, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (rows, cols, 3), dtype=np.uint8)
 
 
+def one_frame(rgb: np.ndarray) -> np.ndarray:
+    """One RGB screen through the trainer's preprocessing, no erasing."""
+    return tb.preprocess_all(rgb[None], None)[0]
+
+
+def tutorial_preprocess(rgb: np.ndarray) -> np.ndarray:
+    """The tutorial's cv2 calls for one RGB screen, written out by hand."""
+    return cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_BGR2GRAY)[32:, 8:152], (84, 84))
+
+
 # ---------------------------------------------------------------------------------------------------
 # 1. Preprocessing
 # ---------------------------------------------------------------------------------------------------
 def test_preprocess_is_the_tutorials_grey_crop_and_resize():
     rgb = frame_of(seed=1)
-    out = tb.preprocess(rgb)
+    out = one_frame(rgb)
     assert out.shape == (84, 84) and out.dtype == np.uint8
-    expected = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_BGR2GRAY)[32:, 8:152], (84, 84))
-    assert np.array_equal(out, expected)
+    assert np.array_equal(out, tutorial_preprocess(rgb))
 
 
 @pytest.mark.parametrize("rows, cols, kept", [
@@ -57,15 +66,15 @@ def test_preprocess_is_the_tutorials_grey_crop_and_resize():
 def test_preprocess_crops_rows_32_on_and_columns_8_to_151(rows, cols, kept):
     rgb = np.zeros((210, 160, 3), np.uint8)
     rgb[rows, cols] = 255
-    assert bool(tb.preprocess(rgb).max() > 0) is kept
+    assert bool(one_frame(rgb).max() > 0) is kept
 
 
 def test_preprocess_keeps_the_tutorials_bgr2gray_on_rgb_quirk():
     red, blue = np.zeros((210, 160, 3), np.uint8), np.zeros((210, 160, 3), np.uint8)
     red[..., 0], blue[..., 2] = 255, 255  # Gymnasium's frames are RGB: channel 0 is red
     # BGR2GRAY reads channel 0 as blue (weight 0.114) and channel 2 as red (weight 0.299).
-    assert np.all(tb.preprocess(red) == round(0.114 * 255))  # 29, not the 76 a true luminance gives
-    assert np.all(tb.preprocess(blue) == round(0.299 * 255))  # 76, not 29
+    assert np.all(one_frame(red) == round(0.114 * 255))  # 29, not the 76 a true luminance gives
+    assert np.all(one_frame(blue) == round(0.299 * 255))  # 76, not 29
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,8 +122,7 @@ def test_random_erasing_zeroes_4x10_patches_in_the_brick_rows_only():
 
 def test_preprocess_all_without_a_generator_erases_nothing():
     rgb = np.stack([frame_of(seed=s) for s in range(4)])
-    by_hand = [cv2.resize(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)[32:, 8:152], (84, 84)) for f in rgb]
-    assert np.array_equal(tb.preprocess_all(rgb, None), np.stack(by_hand))
+    assert np.array_equal(tb.preprocess_all(rgb, None), np.stack([tutorial_preprocess(f) for f in rgb]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -563,7 +571,7 @@ def test_choose_actions_is_greedy_at_epsilon_0_and_uniform_at_1():
     stacks = torch.randint(0, 256, (64, 6, 84, 84), dtype=torch.uint8)
     with torch.no_grad():
         greedy = net(stacks.float() / 255).argmax(1).numpy()
-    stack, two = tb.FrameStack(64, 6, torch.device("cpu")), tb.FrameStack(2, 6, torch.device("cpu"))
+    stack, two = tb.FrameStack(64, 6, CPU), tb.FrameStack(2, 6, CPU)
     stack.frames, two.frames = stacks, stacks[:2]
     assert np.array_equal(tb.choose_actions(net, stack, 0.0, 4, np.random.default_rng(0)), greedy)
     counts = np.bincount(np.concatenate([tb.choose_actions(net, two, 1.0, 4, np.random.default_rng(s))
@@ -836,7 +844,7 @@ def test_emulator_grey_gives_exactly_the_tutorials_frames():
         g, c = grey.step(actions)[0], rgb.step(actions)[0]
     assert levels <= set(tb.BREAKOUT_GREY) and len(levels) >= 7  # every colour seen has its own entry
     # The batch path against one frame through cv2 by hand, as the tutorial wrote it.
-    by_hand = [cv2.resize(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)[32:, 8:152], (84, 84)) for f in c]
+    by_hand = [tutorial_preprocess(f) for f in c]
     assert np.array_equal(tb.preprocess_all(c, None), np.stack(by_hand))
     assert np.array_equal(tb.preprocess_all(g, None, grey.screen_lut), np.stack(by_hand))
     grey.close()
