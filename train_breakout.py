@@ -195,7 +195,6 @@ class VectorGames:
     def __init__(self, env_id: str, n: int, seed: int, rgb: bool = False):
         import ale_py
         s = ale_settings(env_id)
-        self.n = n
         self.screen_lut = breakout_grey_lut() if s["game"] == "breakout" and not rgb else None
         self.env = ale_py.AtariVectorEnv(
             s["game"], n, frameskip=s["frameskip"], repeat_action_probability=s["repeat_action_probability"],
@@ -236,7 +235,7 @@ class OneGame:
         import ale_py
         import gymnasium as gym
         s = ale_settings(env_id)  # also registers the ALE ids with Gymnasium
-        self.n, self.noop = 1, ale_py.Action.NOOP
+        self.noop = ale_py.Action.NOOP
         self.frameskip, self.sticky = s["frameskip"], s["repeat_action_probability"]
         self.env = gym.make(env_id, frameskip=1, repeat_action_probability=0.0)
         self.ale = self.env.unwrapped.ale

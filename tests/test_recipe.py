@@ -23,7 +23,6 @@ class ScriptedGame:
     actions it receives. Interface of train_breakout.OneGame."""
 
     can_save_state = False
-    n = 1
     screen_lut = None  # RGB frames
 
     def __init__(self, rewards, lives):

@@ -316,7 +316,6 @@ class ScriptedGames:
     so a stack can be read back as frame numbers. Records the actions it receives."""
 
     can_save_state = False
-    n = 1
     screen_lut = None  # RGB frames
     actions = BREAKOUT_ACTIONS
 
