@@ -35,32 +35,30 @@ def main() -> None:
     p.add_argument("--envs", type=int, default=8)
     p.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     a = p.parse_args()
-    replay = tb.ReplayMemory(a.memory, a.envs, 6, 6, torch.device("cpu"))
+    args, _ = tb.parse_args(["--memory", str(a.memory), "--envs", str(a.envs), "--seed", "0", "--device", "cpu"])
+    run = tb.new_run(args, torch.device("cpu"), tb.make_games(args.env, args.envs, args.seed))
+    replay = run.replay
     # Fill the whole ring and the whole FIFO, as a memory of a long run is.
     replay.frames.copy_(torch.randint(0, 256, replay.frames.shape, dtype=torch.uint8))
     replay.frames_written, replay.stored = replay.slots + 1, a.memory + 1
-    net = tb.DuelingNetwork(6, 4)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, amsgrad=True)
-    tensors = dict(policy=net.state_dict(), target=net.state_dict(), optimizer=optimizer.state_dict())
-    arrays = {f"replay_{k}": v for k, v in replay.arrays().items()}
 
     root = Path(tempfile.mkdtemp(dir=a.dir))
     try:
         start = time.perf_counter()
-        folder = tb.save_checkpoint(root / "resume", "000000000001", tensors, arrays, {"counters": {}})
+        folder = tb.save_checkpoint(root / "resume", "000000000001", *tb.checkpoint_files(run))
         save_s = time.perf_counter() - start
         size = sum(f.stat().st_size for f in folder.iterdir())
         drop_cache(folder)
         start = time.perf_counter()
-        _, loaded, _ = tb.load_checkpoint(folder)
+        parts = tb.parts_of(*tb.load_checkpoint(folder))
         fresh = tb.ReplayMemory(a.memory, a.envs, 6, 6, torch.device("cpu"))
-        fresh.load_arrays({k[7:]: v for k, v in loaded.items() if k.startswith("replay_")})
+        fresh.load_state_dict(parts["replay"])
         load_s = time.perf_counter() - start
         assert torch.equal(fresh.frames, replay.frames)
 
         # Disk speed: the same bytes as one file, written with fsync and read back cold.
         plain = root / "plain.bin"
-        frames = arrays["replay_frames"]
+        frames = replay.frames.numpy()
         start = time.perf_counter()
         with open(plain, "wb") as f:
             f.write(memoryview(frames).cast("B"))

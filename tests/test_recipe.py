@@ -22,7 +22,6 @@ class ScriptedGame:
     """One game whose rewards and lives follow a script; frames are plain grey levels. It records the
     actions it receives. Interface of train_breakout.OneGame."""
 
-    can_save_state = False
     screen_lut = None  # RGB frames
 
     def __init__(self, rewards, lives):
@@ -43,6 +42,9 @@ class ScriptedGame:
         return (self._frame(), np.array([self.rewards[t]], np.float32), np.array([game_over]),
                 np.array([False]), np.array([lives]))
 
+    def state_dict(self):
+        return {}
+
     def close(self):
         pass
 
@@ -55,7 +57,7 @@ def run_scripted(tmp_path, monkeypatch, rewards, lives, *flags):
                                  "--eval-every", "0", "--steps", str(len(rewards)), "--device", "cpu", *flags])
     tb.train(args, given)
     ckpt = sorted((tmp_path / "run" / "resume").iterdir())[-1]
-    stored = {k: np.load(ckpt / f"replay_{k}.npy") for k in ("slot", "action", "reward", "has_next")}
+    stored = {k: np.load(ckpt / f"replay.{k}.npy") for k in ("slot", "action", "reward", "has_next")}
     return game, stored
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import signal
 import subprocess
@@ -63,13 +64,14 @@ def assert_same_run(straight: Path, stopped: Path) -> None:
     a, b = final_checkpoint(straight), final_checkpoint(stopped)
     assert a.name == b.name
     ta, tb_ = (torch.load(x / "model.pt", weights_only=True) for x in (a, b))
-    for net in ("policy", "target"):
+    for net in ("policy_net", "target_net"):
         for k in ta[net]:
             assert torch.equal(ta[net][k], tb_[net][k]), f"{net}.{k} differs"
-    assert torch.equal(ta["sampler"], tb_["sampler"])
+    assert torch.equal(ta["sampler"]["state"], tb_["sampler"]["state"])
+    assert sorted(p.name for p in a.glob("*.npy")) == sorted(p.name for p in b.glob("*.npy"))
     for name in sorted(p.name for p in a.glob("*.npy")):
         x, y = np.load(a / name), np.load(b / name)
-        if name == "history_games.npy" or name == "history_evals.npy":
+        if name == "history.games.npy" or name == "history.evals.npy":
             x, y = np.delete(x, 1, axis=1), np.delete(y, 1, axis=1)  # column 1 is wall-clock seconds
         assert np.array_equal(x, y), f"{name} differs"
     sa, sb = (json.loads((x / "state.json").read_text()) for x in (a, b))
@@ -83,6 +85,9 @@ def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     straight, stopped, mid_game = tmp_path / "straight", tmp_path / "stopped", tmp_path / "mid_game"
     train(straight, "--steps", "3000")
     assert final_checkpoint(straight).name == f"{3000:012d}"
+    # Every field of the run's state is in its checkpoint, saved without being named anywhere else.
+    parts = tb.parts_of(*tb.load_checkpoint(final_checkpoint(straight)))
+    assert set(parts) == {f.name for f in dataclasses.fields(tb.Run)}
     assert tb.load_network(str(straight / "best.pth"), torch.device("cpu")) is not None
 
     # SIGTERM: the run finishes its step, saves, says how to go on, and the resumed run ends where the
@@ -142,7 +147,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
     train(run, "--steps", "300")
     train(run, "--resume", "--steps", "600")
     newest = final_checkpoint(run)
-    victim = newest / "replay_frames.npy"
+    victim = newest / "replay.frames.npy"
     data = bytearray(victim.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]
@@ -168,7 +173,7 @@ def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     proc.kill()
     proc.communicate()
     folder, (tensors, arrays, state) = tb.latest_checkpoint(run)
-    assert "policy" in tensors and "replay_frames" in arrays
+    assert "policy_net" in tensors and "replay.frames" in arrays
     p = train(run, "--resume", "--steps", str(state["counters"]["steps"] + 60))
     assert f"agent step {state['counters']['steps']}" in p.stdout
     assert not list((run / "resume").glob(".tmp-*")), "a killed save's temporary folder was left behind"
@@ -202,9 +207,45 @@ def test_a_restored_game_plays_on_exactly_as_the_saved_one():
     for point in range(40):
         for action in rng.integers(0, len(game.actions), (10, 1)):
             game.step(action)
-        emulator, state = game.get_state()
-        copy.set_state(emulator.copy(), json.loads(json.dumps(state)))  # as it goes through state.json
+        state = game.state_dict()
+        emulator = state.pop("emulator")
+        copy.load_state_dict({**json.loads(json.dumps(state)), "emulator": emulator.copy()})  # as saved
         for action in rng.integers(0, len(game.actions), (10, 1)):
             a, b = game.step(action), copy.step(action)
             for x, y in zip(a, b):
                 assert np.array_equal(x, y), f"the restored game differs after restore {point}"
+
+
+LEGACY = ROOT / "tests" / "legacy" / "train_breakout_115c5ab.py"
+
+
+def train_legacy(run: Path, *flags: str) -> None:
+    p = subprocess.run([sys.executable, str(LEGACY), "--checkpoints", str(run), *flags], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (final_checkpoint(run) / "replay_frames.npy").exists()  # the layout that version wrote
+
+
+def test_a_run_checkpointed_by_the_previous_version_resumes_exactly(tmp_path):
+    """A run in progress whose full checkpoint the trainer of commit 115c5ab wrote goes on with this one and
+    ends, bit for bit, where an uninterrupted run ends; stopped in the middle of a game, while learning."""
+    straight, older = tmp_path / "straight", tmp_path / "older"
+    train(straight, "--steps", "1000")
+    train_legacy(older, *RECIPE, "--steps", "700")
+    resumed = train(older, "--resume", "--steps", "1000")
+    assert "agent step 700" in resumed.stdout and "afresh" not in resumed.stdout
+    assert_same_run(straight, older)
+
+
+def test_a_vector_run_checkpointed_by_the_previous_version_resumes(tmp_path):
+    run = tmp_path / "run"
+    flags = ["--envs", "2", "--recipe", "fast", "--memory", "400", "--learn-start", "100", "--eval-every", "0",
+             "--device", "cpu", "--threads", "1", "--seed", "2"]
+    train_legacy(run, *flags, "--steps", "300")
+    before = json.loads((final_checkpoint(run) / "state.json").read_text())["counters"]
+    p = subprocess.run([sys.executable, str(ROOT / "train_breakout.py"), "--checkpoints", str(run), "--resume",
+                        "--steps", "500"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"episode {before['episodes']}, agent step 300" in p.stdout and "start afresh" in p.stdout
+    after = json.loads((final_checkpoint(run) / "state.json").read_text())["counters"]
+    assert after["steps"] == 500 and after["updates"] > before["updates"] and after["episodes"] > before["episodes"]

@@ -315,7 +315,6 @@ class ScriptedGames:
     """Interface of train_breakout.OneGame. Each frame is one grey level, distinct for every frame returned,
     so a stack can be read back as frame numbers. Records the actions it receives."""
 
-    can_save_state = False
     screen_lut = None  # RGB frames
     actions = BREAKOUT_ACTIONS
 
@@ -347,6 +346,9 @@ class ScriptedGames:
             self.lives, self.game = 5, self.game + 1  # SameStep reset: the new game's first frame and lives
         return (self._frame(), np.array([reward], np.float32), np.array([event == "over"]), np.array([False]),
                 np.array([self.lives]))
+
+    def state_dict(self):
+        return {}
 
     def close(self):
         pass
@@ -392,7 +394,7 @@ def test_the_tutorials_transition_rule_on_a_scripted_game(tmp_path, monkeypatch,
     assert {games.received[t] for t in range(len(SCRIPT_STEPS)) if t not in FIRE_STEPS} - {1} != set()
 
     checkpoint = sorted((run / "resume").iterdir())[-1]
-    arrays = {p.stem[7:]: np.load(p) for p in checkpoint.glob("replay_*.npy")}
+    arrays = {p.stem[len("replay."):]: np.load(p) for p in checkpoint.glob("replay.*.npy")}
     stored = list(zip(arrays["slot"].tolist(), arrays["action"].tolist(), arrays["reward"].tolist(),
                       arrays["has_next"].tolist()))
     expected = [(slot, games.received[slot], float(reward), has_next)
@@ -403,7 +405,7 @@ def test_the_tutorials_transition_rule_on_a_scripted_game(tmp_path, monkeypatch,
     # What the replay memory rebuilds is what the agent saw: the state at the block's first step, and the
     # state one step later as next state.
     memory = tb.ReplayMemory(500, 1, 6, 6, CPU)
-    memory.load_arrays(arrays)
+    memory.load_state_dict({**arrays, **json.loads((checkpoint / "state.json").read_text())["replay"]})
     slots = torch.tensor(arrays["slot"])
     zeros = torch.zeros_like(slots)
     states, next_states = memory.stacks(zeros, slots)
@@ -571,7 +573,7 @@ def test_choose_actions_is_greedy_at_epsilon_0_and_uniform_at_1():
     with torch.no_grad():
         greedy = net(stacks.float() / 255).argmax(1).numpy()
     stack, two = tb.FrameStack(64, 6, CPU), tb.FrameStack(2, 6, CPU)
-    stack.frames, two.frames = stacks, stacks[:2]
+    stack.load_state_dict({"frames": stacks}), two.load_state_dict({"frames": stacks[:2]})
     assert np.array_equal(tb.choose_actions(net, stack, 0.0, 4, np.random.default_rng(0)), greedy)
     counts = np.bincount(np.concatenate([tb.choose_actions(net, two, 1.0, 4, np.random.default_rng(s))
                                          for s in range(1000)]), minlength=4)
@@ -675,6 +677,30 @@ def trained_run(tmp_path_factory):
     return run, p
 
 
+def test_every_bounded_flag_refuses_values_outside_its_bounds_and_accepts_its_closed_ends():
+    """check_args reads each flag's bounds off its field: it refuses a value just outside them (below, and
+    above where bounded) and accepts each closed end."""
+    checked = 0
+    for f in dataclasses.fields(tb.Args):
+        bounds = f.metadata["bounds"]
+        if bounds is None:
+            continue
+        kind = int if "int" in f.type else float
+        low, high = (float(x) for x in bounds[1:-1].split(","))
+        outside = [low if bounds[0] == "(" else low - 1] + ([high + 1] if high < math.inf else [])
+        inside = ([low] if bounds[0] == "[" else []) + ([high] if bounds[-1] == "]" else [])
+        for value, ok in [(v, False) for v in outside] + [(v, True) for v in inside]:
+            args, _ = tb.parse_args(["--block", "1"] if f.name == "n_step" else [])
+            setattr(args, f.name, kind(value))
+            if ok:
+                tb.check_args(args)
+            else:
+                with pytest.raises(tb.UserError, match=f"--{f.name.replace('_', '-')} "):
+                    tb.check_args(args)
+        checked += 1
+    assert checked >= 20
+
+
 def test_help_lists_every_flag_with_its_default():
     p = subprocess.run(command("--help"), capture_output=True, text=True, timeout=60,
                        env={**os.environ, "COLUMNS": "250"})
@@ -723,8 +749,8 @@ def test_a_short_run_learns_and_writes_snapshots_config_metrics_and_a_checkpoint
     tensors = torch.load(checkpoint / "model.pt", weights_only=True)
     snapshot = torch.load(run / f"{episodes}.pth", weights_only=True)
     # The snapshot is the target network, as the tutorial saved it; it loads into the tutorial's network.
-    assert all(torch.equal(snapshot[k], tensors["target"][k]) for k in snapshot)
-    assert any(not torch.equal(tensors["policy"][k], tensors["target"][k]) for k in snapshot)  # it learned
+    assert all(torch.equal(snapshot[k], tensors["target_net"][k]) for k in snapshot)
+    assert any(not torch.equal(tensors["policy_net"][k], tensors["target_net"][k]) for k in snapshot)  # it learned
     TutorialDQN().load_state_dict(snapshot)
     assert tb.load_network(str(run / "4.pth"), CPU) is not None
 
