@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional
 
 import cv2
 import numpy as np
+import psutil
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -515,13 +516,8 @@ def check_memory_fits(needed: int, device: torch.device) -> None:
     """Refuse, before allocating, a replay memory the device cannot hold."""
     if device.type == "cuda":
         free, where = torch.cuda.mem_get_info(device)[0], "free GPU memory"
-    else:
-        free, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available RAM"
-        try:  # Linux counts reclaimable page cache as available; the figure above does not
-            with open("/proc/meminfo") as f:
-                free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
-        except (OSError, StopIteration):
-            pass
+    else:  # the CPU, or Apple's MPS, which shares the machine's RAM; psutil asks each system its own way
+        free, where = psutil.virtual_memory().available, "available RAM"
     if needed > 0.9 * free:
         raise UserError(f"the replay memory needs {needed / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB of "
                         f"{where} is left; lower --memory")
@@ -928,7 +924,12 @@ def plot_curve(path: Path, history: History, env_id: str) -> None:
 # back with weights_only=True), arrays as .npy, the rest as JSON, and manifest.json, written last, with
 # each file's size and SHA-256. Every file goes to a temporary name first and is renamed when complete.
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Make the renames inside `path` durable, where the system can: Windows cannot open a folder as a file
+    (PermissionError), and its renames need no such call."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:
+        return
     try:
         os.fsync(fd)
     finally:
@@ -1025,12 +1026,13 @@ def latest_checkpoint(run_dir: Path):
 
 
 class StopRequest:
-    """First Ctrl-C or SIGTERM: finish the step, save, exit 0. A second Ctrl-C interrupts at once (the
-    previous checkpoint stays intact because a checkpoint only replaces it when complete)."""
+    """First Ctrl-C, SIGTERM or (on Windows) Ctrl-Break: finish the step, save, exit 0. A second one interrupts
+    at once (the previous checkpoint stays intact because a checkpoint only replaces it when complete)."""
 
     def __init__(self):
         self.signal: Optional[str] = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        stops = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
+        self.previous = {s: signal.signal(s, self._handle) for s in stops}
 
     def restore(self) -> None:
         """Give Ctrl-C back to whoever had it (a notebook calling train(), say)."""
@@ -1513,11 +1515,14 @@ def save_full_checkpoint(run: Run, session: Session) -> None:
     """resume/<step>/ from the run's state; a failed save keeps the previous checkpoint and training goes on."""
     started = time.time()
     run.counters.seconds = session.elapsed()
+    root = session.run_dir / "resume"
     try:
-        folder = save_checkpoint(session.run_dir / "resume", f"{run.counters.steps:012d}", *checkpoint_files(run))
+        folder = save_checkpoint(root, f"{run.counters.steps:012d}", *checkpoint_files(run))
     except OSError as e:
-        tqdm.write(f"warning: could not write a checkpoint ({e.strerror or e}); the previous one is kept "
-                   f"and training goes on")
+        earlier = root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir())
+        tqdm.write(f"warning: could not write a checkpoint ({e.strerror or e}); " +
+                   ("the previous one is kept and training goes on" if earlier else
+                    "there is no earlier one, so this run cannot be resumed yet; training goes on"))
         return
     size = sum(f.stat().st_size for f in folder.iterdir())
     tqdm.write(f"checkpoint: {folder} ({size / 2**30:.2f} GiB in {time.time() - started:.1f} s)")
@@ -1554,11 +1559,13 @@ def train(args: Args, given: set) -> dict:
     print(describe(args, device, replay_bytes), flush=True)
     open_run_folder(run_dir, args, len(games.actions), new=checkpoint is None)
     run = new_run(args, device, games)
-    if checkpoint is None:
-        start_games(run, args)
-    else:
+    resumed = checkpoint is not None
+    if resumed:
         restore(run, checkpoint, args, given)
-    session = Session(args, run_dir, device, run, resumed=checkpoint is not None)
+    else:
+        start_games(run, args)
+    del checkpoint  # its arrays map the checkpoint's files, which Windows then could not delete when it is old
+    session = Session(args, run_dir, device, run, resumed)
     try:
         while session.budget_left(run.counters) and session.stop.signal is None:
             actions = act(run, session)

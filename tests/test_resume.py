@@ -193,9 +193,18 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tmp_pa
     summary = tb.train(args, given)
     monkeypatch.setattr(np, "save", real_save)
     assert summary["steps"] == 400
-    assert "could not write a checkpoint (No space left on device)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "could not write a checkpoint (No space left on device); the previous one is kept" in out
     assert final_checkpoint(run).name == f"{200:012d}"
     assert not list((run / "resume").glob(".tmp-*"))
+
+    # With no checkpoint before it, the warning says the run cannot be resumed yet.
+    monkeypatch.setattr(np, "save", disk_full)
+    args, given = tb.parse_args(["--checkpoints", str(tmp_path / "new"), *RECIPE, "--steps", "50"])
+    tb.train(args, given)
+    monkeypatch.setattr(np, "save", real_save)
+    out = capsys.readouterr().out
+    assert "there is no earlier one, so this run cannot be resumed yet" in out and "previous one is kept" not in out
 
 
 def test_a_restored_game_plays_on_exactly_as_the_saved_one():

@@ -1,0 +1,96 @@
+"""Windows and macOS, played on Linux (CI runs on Linux only): the calls those systems lack are removed, or
+fail as they fail there, and a run still trains, writes full checkpoints and resumes."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_breakout as tb  # noqa: E402
+
+RECIPE = ["--envs", "1", "--seed", "3", "--memory", "300", "--batch-size", "32", "--learn-start", "100",
+          "--eval-every", "0", "--save-every", "20", "--device", "cpu", "--threads", "1"]
+
+
+def as_windows(monkeypatch) -> None:
+    """No os.sysconf; a folder cannot be opened as a file (os.open raises PermissionError)."""
+    monkeypatch.delattr(os, "sysconf")
+    real_open = os.open
+
+    def windows_open(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", windows_open)
+
+
+def as_macos(monkeypatch) -> None:
+    """os.sysconf knows no SC_AVPHYS_PAGES (nor, here, any other name)."""
+    def sysconf(name):
+        raise ValueError("unrecognized configuration name")
+
+    monkeypatch.setattr(os, "sysconf", sysconf)
+
+
+@pytest.fixture
+def in_process():
+    """tb.train installs signal handlers and sets torch's thread count: undo both afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    torch.set_num_threads(threads)
+
+
+def checkpoints(run: Path) -> list:
+    return sorted(p.name for p in (run / "resume").iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("system", ["windows", "macos"])
+def test_a_run_trains_saves_and_resumes(tmp_path, monkeypatch, in_process, capsys, system):
+    {"windows": as_windows, "macos": as_macos}[system](monkeypatch)
+    run = tmp_path / "run"
+    tb.train(*tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "200"]))
+    assert "warning" not in capsys.readouterr().out
+    assert checkpoints(run) == [f"{200:012d}"]
+
+    # Resumed, the run keeps no file of that checkpoint mapped: Windows could not delete the folder later.
+    mapped, periodic_work = [], tb.periodic_work
+
+    def look(*args):
+        if not mapped:
+            with open("/proc/self/maps") as f:
+                mapped.append([line for line in f if str(run / "resume") in line])
+        periodic_work(*args)
+
+    monkeypatch.setattr(tb, "periodic_work", look)
+    summary = tb.train(*tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "400", "--resume"]))
+    assert "resumed from" in capsys.readouterr().out
+    assert summary["steps"] == 400 and checkpoints(run) == [f"{200:012d}", f"{400:012d}"]
+    assert mapped == [[]]
+
+    # The memory check still refuses what cannot fit.
+    with pytest.raises(tb.UserError, match="lower --memory"):
+        tb.check_memory_fits(2**60, torch.device("cpu"))
+    tb.check_memory_fits(2**20, torch.device("cpu"))
+
+
+def test_ctrl_break_on_windows_asks_for_a_stop_as_ctrl_c_does(monkeypatch):
+    # SIGUSR1 stands in for Windows's SIGBREAK, which Linux does not have.
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    stop = tb.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.signal == "SIGUSR1"
+    finally:
+        stop.restore()
+        signal.signal(signal.SIGUSR1, previous)
