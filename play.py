@@ -69,7 +69,28 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         raise UserError(f"--eps must lie in [0, 1], got {args.eps}")
     if args.fps < 0:
         raise UserError(f"--fps must not be negative, got {args.fps}")
+    args.checkpoint = str(snapshot_to_play(Path(args.checkpoint)))
     return args
+
+
+def snapshot_to_play(path: Path) -> Path:
+    """The .pth given; for a run's folder, its best.pth, else its newest snapshot (and say which). A snapshot the
+    run has not reached is refused, with the ones its folder does hold."""
+    snapshots = lambda folder: sorted((f for f in folder.glob("*.pth") if f.stem.isdigit()), key=lambda f: int(f.stem))
+    if path.is_dir():
+        best, newest = path / "best.pth", (snapshots(path) or [None])[-1]
+        chosen = best if best.is_file() else newest
+        if chosen is None:
+            raise UserError(f"{path} holds no snapshot to play (best.pth or <episode>.pth)")
+        why = "the best evaluation so far" if chosen == best else "its newest snapshot; there is no best.pth yet"
+        print(f"{path} is a run's folder: playing {chosen.name} ({why})", file=sys.stderr, flush=True)
+        return chosen
+    held = snapshots(path.parent) if not path.exists() and path.parent.is_dir() else []
+    if held:
+        best = " and best.pth" if (path.parent / "best.pth").is_file() else ""
+        raise UserError(f"no such checkpoint file: {path}; {path.parent} holds {len(held)} snapshot(s), "
+                        f"{held[0].name} to {held[-1].name}{best}")
+    return path
 
 
 def game_id(args: argparse.Namespace) -> str:

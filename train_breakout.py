@@ -34,6 +34,7 @@ import psutil
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import zstandard
 from tqdm import tqdm
 
 
@@ -68,6 +69,10 @@ class Args:
                            new_on_resume=True)
     resume: Optional[str] = opt(None, "continue the run in --checkpoints, or from the checkpoint folder given",
                                 new_on_resume=True, nargs="?", const="latest", metavar="PATH")
+    auto_resume: bool = opt(False, "continue the run in --checkpoints if it has a checkpoint, else start it: one "
+                                   "command for every start of a Colab cell or a requeued cluster job",
+                            new_on_resume=True)
+    keep_checkpoints: int = opt(2, "full checkpoints kept on disk, the newest", POSITIVE, new_on_resume=True)
     checkpoint_minutes: float = opt(10.0, "minutes between full checkpoints (Ctrl-C and SIGTERM also save one)",
                                     POSITIVE, new_on_resume=True)
     save_every: int = opt(25_000, "save the target network as <episode>.pth every this many episodes",
@@ -505,8 +510,11 @@ class ReplayMemory:
             if source.shape[1:] != target.shape[1:] or len(source) > len(target):
                 raise UserError(f"the checkpoint's replay memory has {name} of shape {source.shape}, which "
                                 f"does not fit this run's {tuple(target.shape)}")
-            if target.device.type == "cpu":  # straight from the (memory-mapped) file into the tensor
-                target[:len(source)].numpy()[...] = source
+            if target.device.type == "cpu":  # straight from the file into the tensor, with no copy between
+                if isinstance(source, CompressedArray):
+                    source.read_into(target[:len(source)].numpy())
+                else:
+                    target[:len(source)].numpy()[...] = source
             else:
                 target[:len(source)].copy_(torch.from_numpy(np.array(source)))
         self.frames_written, self.stored = int(state["frames_written"]), int(state["stored"])
@@ -921,8 +929,9 @@ def plot_curve(path: Path, history: History, env_id: str) -> None:
 
 # ---- Checkpoints. Snapshots (<episode>.pth) are the target network's state_dict, as the tutorial saved them.
 # Full checkpoints (resume/<step>/) hold everything a run needs to go on: tensors via torch.save (read
-# back with weights_only=True), arrays as .npy, the rest as JSON, and manifest.json, written last, with
-# each file's size and SHA-256. Every file goes to a temporary name first and is renamed when complete.
+# back with weights_only=True), arrays as zstd-compressed .npy, the rest as JSON, and manifest.json, written
+# last, with each file's size and SHA-256. Every file goes to a temporary name first and is renamed when
+# complete.
 def fsync_dir(path: Path) -> None:
     """Make the renames inside `path` durable, where the system can: Windows cannot open a folder as a file
     (PermissionError), and its renames need no such call."""
@@ -966,6 +975,52 @@ class DamagedCheckpoint(Exception):
     pass
 
 
+def save_array(path: Path, array: np.ndarray) -> None:
+    """`array` as a .npy stream compressed with zstd (level 1, on every core), written a chunk at a time, so
+    that saving the replay memory holds no second copy of it. Frames of play shrink about 100x."""
+    with open(path, "wb") as f, zstandard.ZstdCompressor(level=1, threads=-1).stream_writer(f, closefd=False) as out:
+        np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
+
+
+class CompressedArray:
+    """An array written by save_array, read when asked: np.asarray() decompresses it whole, `read_into` straight
+    into a buffer (the replay memory's tables) with no copy between."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with self._open() as f:
+            self.shape, self.dtype = self._header(f)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _open(self):
+        return zstandard.ZstdDecompressor().stream_reader(open(self.path, "rb"), closefd=True)
+
+    @staticmethod
+    def _header(f) -> tuple:
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+        return shape, dtype
+
+    def read_into(self, out: np.ndarray) -> None:
+        assert out.shape == self.shape and out.dtype == self.dtype and out.flags.c_contiguous
+        with self._open() as f:
+            self._header(f)
+            buffer, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+            while done < len(buffer):
+                read = f.readinto(buffer[done:])
+                if not read:
+                    raise DamagedCheckpoint(f"{self.path.name} ends early")
+                done += read
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = np.empty(self.shape, self.dtype)
+        self.read_into(array)
+        return array if dtype is None else array.astype(dtype)
+
+
 def save_checkpoint(root: Path, name: str, tensors: dict, arrays: dict, state: dict, keep: int = 2) -> Path:
     """Write resume/<name>/ completely or not at all; keep the newest `keep` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
@@ -975,7 +1030,7 @@ def save_checkpoint(root: Path, name: str, tensors: dict, arrays: dict, state: d
     try:
         torch.save(tensors, tmp / "model.pt")
         for key, value in arrays.items():
-            np.save(tmp / f"{key}.npy", value, allow_pickle=False)
+            save_array(tmp / f"{key}.npy.zst", value)
         (tmp / "state.json").write_text(json.dumps(state))
         manifest = {}
         for f in sorted(tmp.iterdir()):
@@ -990,9 +1045,14 @@ def save_checkpoint(root: Path, name: str, tensors: dict, arrays: dict, state: d
         fsync_dir(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in sorted(p for p in root.iterdir() if not p.name.startswith("."))[:-keep]:
+    for old in checkpoint_folders(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_folders(root: Path) -> list:
+    """The full checkpoints in `root` (a run's resume/), oldest first; none while a first one is being written."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
 
 
 def load_checkpoint(folder: Path):
@@ -1008,16 +1068,16 @@ def load_checkpoint(folder: Path):
         if sha256(f) != meta["sha256"]:
             raise DamagedCheckpoint(f"{name} does not match its checksum")
     tensors = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in folder.glob("*.npy")}
+    arrays = {f.name[:-len(".npy.zst")]: CompressedArray(f) for f in folder.glob("*.npy.zst")}
+    # Checkpoints written before compression keep plain .npy files: read through memory maps.
+    arrays.update({f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in folder.glob("*.npy")})
     return tensors, arrays, json.loads((folder / "state.json").read_text())
 
 
 def latest_checkpoint(run_dir: Path):
     """The newest full checkpoint that passes its checks, reporting each damaged one in one line."""
     root = run_dir / "resume"
-    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True) \
-        if root.is_dir() else []
-    for folder in folders:
+    for folder in reversed(checkpoint_folders(root)):
         try:
             return folder, load_checkpoint(folder)
         except DamagedCheckpoint as e:
@@ -1184,7 +1244,8 @@ def load_part(part, state: dict) -> None:
         for name, value in state.items():
             if isinstance(value, torch.Tensor):
                 value = value.to(getattr(part, name).device)
-            setattr(part, name, np.array(value) if isinstance(value, np.ndarray) else value)  # a writable copy
+            writable_copy = isinstance(value, (np.ndarray, CompressedArray))
+            setattr(part, name, np.array(value) if writable_copy else value)
 
 
 def is_json(value) -> bool:
@@ -1268,10 +1329,13 @@ def restore(run: Run, checkpoint, args: Args, given: set) -> None:
 # ---- Starting: a new run, or the one a checkpoint continues; and this process's share of it.
 def prepare_run(args: Args, given: set):
     """(args, run folder, checkpoint or None). On --resume the run's own recipe comes back from config.json;
-    only the flags marked new_on_resume may change it."""
+    only the flags marked new_on_resume may change it. With --auto-resume, a folder with a checkpoint is
+    resumed, and any other is started (a run stopped before its first checkpoint starts over)."""
+    if args.auto_resume and not args.resume and checkpoint_folders(Path(args.checkpoints) / "resume"):
+        args.resume = "latest"
     if not args.resume:
         run_dir = Path(args.checkpoints)
-        if (run_dir / "config.json").exists():
+        if (run_dir / "config.json").exists() and not args.auto_resume:
             raise UserError(f"{run_dir}/ already holds a run: add --resume to continue it, or pass "
                             f"--checkpoints NEW_FOLDER to start another")
         if args.seed is None:
@@ -1517,15 +1581,16 @@ def save_full_checkpoint(run: Run, session: Session) -> None:
     run.counters.seconds = session.elapsed()
     root = session.run_dir / "resume"
     try:
-        folder = save_checkpoint(root, f"{run.counters.steps:012d}", *checkpoint_files(run))
+        folder = save_checkpoint(root, f"{run.counters.steps:012d}", *checkpoint_files(run),
+                                 keep=session.args.keep_checkpoints)
     except OSError as e:
-        earlier = root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir())
+        earlier = bool(checkpoint_folders(root))
         tqdm.write(f"warning: could not write a checkpoint ({e.strerror or e}); " +
                    ("the previous one is kept and training goes on" if earlier else
                     "there is no earlier one, so this run cannot be resumed yet; training goes on"))
         return
     size = sum(f.stat().st_size for f in folder.iterdir())
-    tqdm.write(f"checkpoint: {folder} ({size / 2**30:.2f} GiB in {time.time() - started:.1f} s)")
+    tqdm.write(f"checkpoint: {folder} ({size / 1e6:.1f} MB in {time.time() - started:.1f} s)")
 
 
 def finish(run: Run, session: Session) -> None:

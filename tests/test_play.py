@@ -153,6 +153,21 @@ def test_more_bad_flags_in_process(tutorial_pth, tmp_path, capfd, flags, message
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
 
 
+def test_a_run_folder_plays_its_best_else_its_newest_snapshot_and_a_missing_one_lists_those_held(tmp_path, capfd):
+    run = tmp_path / "run"
+    run.mkdir()
+    for episode in (100, 25, 50):
+        torch.save(tb.DuelingNetwork(6, 4).state_dict(), run / f"{episode}.pth")
+    assert play.main([str(run), "--no-render", "--json", "--max-steps", "3"]) == 0
+    assert "playing 100.pth (its newest snapshot" in capfd.readouterr().err
+    torch.save(tb.DuelingNetwork(6, 4).state_dict(), run / "best.pth")
+    assert play.main([str(run), "--no-render", "--json", "--max-steps", "3"]) == 0
+    assert "playing best.pth (the best evaluation so far)" in capfd.readouterr().err
+    assert play.main([str(run / "600000.pth"), "--no-render"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "holds 3 snapshot(s), 25.pth to 100.pth and best.pth" in err, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_device_cuda_without_cuda_is_refused(tutorial_pth, capfd):
     assert play.main([str(tutorial_pth), "--no-render", "--device", "cuda"]) == 2

@@ -57,7 +57,8 @@ def run_scripted(tmp_path, monkeypatch, rewards, lives, *flags):
                                  "--eval-every", "0", "--steps", str(len(rewards)), "--device", "cpu", *flags])
     tb.train(args, given)
     ckpt = sorted((tmp_path / "run" / "resume").iterdir())[-1]
-    stored = {k: np.load(ckpt / f"replay.{k}.npy") for k in ("slot", "action", "reward", "has_next")}
+    arrays = tb.load_checkpoint(ckpt)[1]
+    stored = {k: np.asarray(arrays[f"replay.{k}"]) for k in ("slot", "action", "reward", "has_next")}
     return game, stored
 
 

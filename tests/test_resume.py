@@ -68,10 +68,11 @@ def assert_same_run(straight: Path, stopped: Path) -> None:
         for k in ta[net]:
             assert torch.equal(ta[net][k], tb_[net][k]), f"{net}.{k} differs"
     assert torch.equal(ta["sampler"]["state"], tb_["sampler"]["state"])
-    assert sorted(p.name for p in a.glob("*.npy")) == sorted(p.name for p in b.glob("*.npy"))
-    for name in sorted(p.name for p in a.glob("*.npy")):
-        x, y = np.load(a / name), np.load(b / name)
-        if name == "history.games.npy" or name == "history.evals.npy":
+    (_, xa, _), (_, xb, _) = tb.load_checkpoint(a), tb.load_checkpoint(b)
+    assert sorted(xa) == sorted(xb)
+    for name in sorted(xa):
+        x, y = np.asarray(xa[name]), np.asarray(xb[name])
+        if name in ("history.games", "history.evals"):
             x, y = np.delete(x, 1, axis=1), np.delete(y, 1, axis=1)  # column 1 is wall-clock seconds
         assert np.array_equal(x, y), f"{name} differs"
     sa, sb = (json.loads((x / "state.json").read_text()) for x in (a, b))
@@ -90,18 +91,21 @@ def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     assert set(parts) == {f.name for f in dataclasses.fields(tb.Run)}
     assert tb.load_network(str(straight / "best.pth"), torch.device("cpu")) is not None
 
-    # SIGTERM: the run finishes its step, saves, says how to go on, and the resumed run ends where the
-    # uninterrupted one did.
-    proc = start(stopped, "--steps", "3000")
-    wait_for_games(stopped, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
-    assert "--resume" in out  # it says how to continue
-    first_stop = int(final_checkpoint(stopped).name)
-    assert 0 < first_stop < 3000
-    resumed = train(stopped, "--resume")
-    assert f"agent step {first_stop}" in resumed.stdout
+    # A cluster's scheduler: the same command line, stopped by SIGTERM twice and run a third time. Each time
+    # the run finishes its step, saves and says how to go on; the third ends where the uninterrupted run did.
+    command, stops = ("--steps", "3000", "--auto-resume"), []
+    for _ in range(2):
+        logged = score_rows(stopped) if (stopped / "metrics.csv").exists() else []
+        proc = start(stopped, *command)
+        wait_for_games(stopped, sum(r[0] == "game" for r in logged) + 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert "--resume" in out  # it says how to continue
+        stops.append(int(final_checkpoint(stopped).name))
+    assert 0 < stops[0] < stops[1] < 3000
+    resumed = train(stopped, *command)
+    assert f"agent step {stops[1]}" in resumed.stdout
     assert_same_run(straight, stopped)
 
     # A signal tends to land just after a game ends (the test waits for one), where a fresh game holds no
@@ -133,6 +137,16 @@ def test_ctrl_c_saves_and_resume_extends_a_finished_run(tmp_path):
     assert not list(run.rglob(".*tmp*")), "temporary files were left behind"
 
 
+def test_keep_checkpoints_keeps_the_newest(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    # A full checkpoint at every step: the oldest go as new ones are written.
+    args, given = tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "30", "--checkpoint-minutes",
+                                 "0.000001", "--keep-checkpoints", "3"])
+    tb.train(args, given)
+    kept = [int(p.name) for p in tb.checkpoint_folders(run / "resume")]
+    assert len(kept) == 3 and kept[-1] == 30 and kept == sorted(kept)
+
+
 def test_resume_refuses_a_changed_recipe(tmp_path):
     run = tmp_path / "run"
     train(run, "--steps", "300")
@@ -147,7 +161,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_p
     train(run, "--steps", "300")
     train(run, "--resume", "--steps", "600")
     newest = final_checkpoint(run)
-    victim = newest / "replay.frames.npy"
+    victim = newest / "replay.frames.npy.zst"
     data = bytearray(victim.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]
@@ -183,15 +197,15 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tmp_pa
     run = tmp_path / "run"
     args, given = tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "200"])
     tb.train(args, given)
-    real_save = np.save
+    real_save = tb.save_array
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "save", disk_full)
+    monkeypatch.setattr(tb, "save_array", disk_full)
     args, given = tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "400", "--resume"])
     summary = tb.train(args, given)
-    monkeypatch.setattr(np, "save", real_save)
+    monkeypatch.setattr(tb, "save_array", real_save)
     assert summary["steps"] == 400
     out = capsys.readouterr().out
     assert "could not write a checkpoint (No space left on device); the previous one is kept" in out
@@ -199,12 +213,20 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tmp_pa
     assert not list((run / "resume").glob(".tmp-*"))
 
     # With no checkpoint before it, the warning says the run cannot be resumed yet.
-    monkeypatch.setattr(np, "save", disk_full)
+    monkeypatch.setattr(tb, "save_array", disk_full)
     args, given = tb.parse_args(["--checkpoints", str(tmp_path / "new"), *RECIPE, "--steps", "50"])
     tb.train(args, given)
-    monkeypatch.setattr(np, "save", real_save)
+    monkeypatch.setattr(tb, "save_array", real_save)
     out = capsys.readouterr().out
     assert "there is no earlier one, so this run cannot be resumed yet" in out and "previous one is kept" not in out
+
+    # --auto-resume starts such a run over (it has config.json but no checkpoint), and then continues it.
+    for steps, resumed in ((60, False), (80, True)):
+        args, given = tb.parse_args(["--checkpoints", str(tmp_path / "new"), *RECIPE, "--steps", str(steps),
+                                     "--auto-resume"])
+        assert tb.train(args, given)["steps"] == steps
+        assert ("resumed from" in capsys.readouterr().out) is resumed
+    assert final_checkpoint(tmp_path / "new").name == f"{80:012d}"
 
 
 def test_a_restored_game_plays_on_exactly_as_the_saved_one():

@@ -394,7 +394,8 @@ def test_the_tutorials_transition_rule_on_a_scripted_game(tmp_path, monkeypatch,
     assert {games.received[t] for t in range(len(SCRIPT_STEPS)) if t not in FIRE_STEPS} - {1} != set()
 
     checkpoint = sorted((run / "resume").iterdir())[-1]
-    arrays = {p.stem[len("replay."):]: np.load(p) for p in checkpoint.glob("replay.*.npy")}
+    arrays = {k[len("replay."):]: np.asarray(v) for k, v in tb.load_checkpoint(checkpoint)[1].items()
+              if k.startswith("replay.")}
     stored = list(zip(arrays["slot"].tolist(), arrays["action"].tolist(), arrays["reward"].tolist(),
                       arrays["has_next"].tolist()))
     expected = [(slot, games.received[slot], float(reward), has_next)
