@@ -39,17 +39,6 @@ def as_macos(monkeypatch) -> None:
     monkeypatch.setattr(os, "sysconf", sysconf)
 
 
-@pytest.fixture
-def in_process():
-    """tb.train installs signal handlers and sets torch's thread count: undo both afterwards."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    yield
-    for s, h in handlers.items():
-        signal.signal(s, h)
-    torch.set_num_threads(threads)
-
-
 def checkpoints(run: Path) -> list:
     return sorted(p.name for p in (run / "resume").iterdir() if not p.name.startswith("."))
 

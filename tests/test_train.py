@@ -9,7 +9,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -352,17 +351,6 @@ class ScriptedGames:
 
     def close(self):
         pass
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """tb.train installs SIGINT/SIGTERM handlers and sets torch's thread count: undo both afterwards."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    threads = torch.get_num_threads()
-    yield
-    for s, h in handlers.items():
-        signal.signal(s, h)
-    torch.set_num_threads(threads)
 
 
 def train_scripted(tmp_path, monkeypatch, *flags):
