@@ -1622,14 +1622,14 @@ def train(args: Args, given: set) -> dict:
                                              args.n_step)
     check_memory_fits(replay_bytes, device)
     print(describe(args, device, replay_bytes), flush=True)
-    open_run_folder(run_dir, args, len(games.actions), new=checkpoint is None)
-    run = new_run(args, device, games)
     resumed = checkpoint is not None
+    open_run_folder(run_dir, args, len(games.actions), new=not resumed)
+    run = new_run(args, device, games)
     if resumed:
         restore(run, checkpoint, args, given)
     else:
         start_games(run, args)
-    del checkpoint  # its arrays map the checkpoint's files, which Windows then could not delete when it is old
+    del checkpoint  # an older one maps its .npy files: Windows could not delete its folder when it rotates out
     session = Session(args, run_dir, device, run, resumed)
     try:
         while session.budget_left(run.counters) and session.stop.signal is None:
