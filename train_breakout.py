@@ -116,9 +116,14 @@ class Args:
     no_random_erasing: bool = opt(False, "do not erase random patches of the brick rows in training")
     no_reward_clipping: bool = opt(False, "learn from raw game rewards instead of rewards clipped to [-1, 1]")
 
+    # The defaults that depend on other flags.
     @property
     def steps_per_transition(self) -> int:
         return self.frames if self.block is None else self.block
+
+    @property
+    def transitions_before_learning(self) -> int:
+        return self.memory if self.learn_start is None else self.learn_start
 
 
 # --recipe fast: a modern recipe for the same network, tuned for wall-clock time (README: "Recipes").
@@ -1396,7 +1401,6 @@ class Session:
     def __init__(self, args: Args, run_dir: Path, device: torch.device, run: Run, resumed: bool):
         self.args, self.run_dir, self.device = args, run_dir, device
         self.n_actions, self.fire = len(run.games.actions), fire_action(run.games.actions)
-        self.learn_start = args.memory if args.learn_start is None else args.learn_start
         self.log = RunLog(run_dir, run.counters.steps if resumed else None)
         if self.log.tb is not None and not resumed:
             self.log.tb.add_text("hyperparameters", "|flag|value|\n|-|-|\n" +
@@ -1488,7 +1492,7 @@ def learn(run: Run, session: Session, stored: range) -> None:
     past --learn-start, a soft target update every --target-every."""
     args, learned = session.args, False
     for count in stored:
-        if count % args.update_every == 0 and count > session.learn_start:
+        if count % args.update_every == 0 and count > args.transitions_before_learning:
             if not learned:
                 torch.set_num_threads(torch_threads(args, session.device, learning=True))
                 learned = True
