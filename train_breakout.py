@@ -13,6 +13,7 @@ steps over that state. README.md explains the recipe.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -89,6 +90,11 @@ class Args:
     device: str = opt("auto", "where to learn and keep the replay memory", new_on_resume=True,
                       choices=["auto", "cpu", "cuda", "mps"])
     threads: int = opt(0, "CPU threads for torch (0: the number of cores)", NOT_NEGATIVE, new_on_resume=True)
+    compile: str = opt("auto", "compile the learning update and acting with torch.compile, replayed as CUDA graphs "
+                               "on CUDA (auto: on for CUDA)", new_on_resume=True, choices=["auto", "on", "off"])
+    overlap: str = opt("auto", "learn while the games step, acting on weights one step behind (auto: on for CUDA "
+                               "with --envs > 1; off: act, step, store, learn in turn)", new_on_resume=True,
+                       choices=["auto", "on", "off"])
     seed: Optional[int] = opt(None, "random seed (default: drawn at random and written to config.json)")
     # The recipe: the tutorial's values unless --recipe fast (see RECIPES); explicit flags override either
     recipe: str = opt("tutorial", "starting values of the flags below", choices=["tutorial", "fast"])
@@ -242,9 +248,18 @@ class VectorGames:
         obs, info = self.env.reset(seed=self.seed)
         return obs[:, 0], info["lives"].astype(np.int64)
 
-    def step(self, actions: np.ndarray):
-        obs, reward, terminated, truncated, info = self.env.step(actions.astype(np.int32))
+    def send(self, actions: np.ndarray) -> None:
+        """Start a step of every game; the emulator's threads play it while the caller goes on."""
+        self.env.send(actions.astype(np.int32))
+
+    def recv(self):
+        """Wait for the step `send` started: screens, rewards, terminated, truncated, lives."""
+        obs, reward, terminated, truncated, info = self.env.recv()
         return obs[:, 0], reward.astype(np.float32), terminated, truncated, info["lives"].astype(np.int64)
+
+    def step(self, actions: np.ndarray):
+        self.send(actions)
+        return self.recv()
 
     def state_dict(self) -> dict:
         return {}
@@ -290,6 +305,12 @@ class OneGame:
     def reset(self):
         frame, lives = self._new_game()
         return frame[None], np.array([lives])
+
+    def send(self, actions: np.ndarray) -> None:
+        self.sent = actions  # one game is stepped by this thread, in recv
+
+    def recv(self):
+        return self.step(self.sent)
 
     def step(self, actions: np.ndarray):
         action, reward = self.actions[int(actions[0])], 0.0
@@ -382,6 +403,33 @@ def preprocess_all(screens: np.ndarray, erase_rng: Optional[np.random.Generator]
     return frames
 
 
+class Staging:
+    """Host arrays to the device without waiting for it. On CUDA each copy leaves from pinned memory and is
+    queued behind the GPU's work instead of waiting for it to drain; two buffers take turns, and one is
+    written again only once its previous copy is done. Elsewhere the array is used (CPU) or copied as it is."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.turn = device, 0
+        self.buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        self.copied = [None, None]  # per buffer, the CUDA event its last copy recorded
+
+    def __call__(self, array: np.ndarray) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.from_numpy(array).to(self.device)
+        array = np.ascontiguousarray(array)
+        if self.copied[self.turn] is not None:
+            self.copied[self.turn].synchronize()
+        if self.buffers[self.turn].numel() < array.nbytes:
+            self.buffers[self.turn] = torch.empty(2 * array.nbytes, dtype=torch.uint8, pin_memory=True)
+        staged = self.buffers[self.turn][:array.nbytes]
+        staged.numpy()[...] = array.view(np.uint8).reshape(-1)
+        on_device = staged.to(self.device, non_blocking=True)
+        self.copied[self.turn] = torch.cuda.Event()
+        self.copied[self.turn].record()
+        self.turn ^= 1
+        return on_device.view(torch.from_numpy(array[:0]).dtype).view(array.shape)
+
+
 class FrameStack:
     """What the agent sees of each game: its `depth` latest frames, newest first (channel 0). A new game
     starts from zeros; a lost life does not clear the stack. Kept as a ring, so a push writes one frame
@@ -394,12 +442,11 @@ class FrameStack:
     def __len__(self) -> int:
         return self.ring.shape[0]
 
-    def push(self, frames: torch.Tensor, new_game: np.ndarray) -> None:
-        """One frame per game; `new_game` (bool per game, host memory) marks the first frame of a game."""
+    def push(self, frames: torch.Tensor, new_game) -> None:
+        """One frame per game; `new_game` (bool per game) marks the first frame of a game."""
         self.newest = (self.newest - 1) % self.ring.shape[1]
-        new = np.flatnonzero(np.asarray(new_game))
-        if len(new):
-            self.ring[torch.from_numpy(new).to(self.ring.device)] = 0
+        new_game = torch.as_tensor(new_game, device=self.ring.device)
+        self.ring.masked_fill_(new_game.view(-1, 1, 1, 1), 0)
         self.ring[:, self.newest] = frames
 
     @property
@@ -439,6 +486,7 @@ class ReplayMemory:
         self.has_next = torch.zeros(capacity, dtype=torch.bool, device=device)
         self.frames_written = 0  # frame slots written so far; the newest is (frames_written - 1) % slots
         self.stored = 0          # transitions stored so far; the FIFO holds the last min(stored, capacity)
+        self.staging = Staging(device)
 
     @staticmethod
     def ring_slots(capacity: int, games: int, depth: int, block: int, n_step: int = 1) -> int:
@@ -462,12 +510,15 @@ class ReplayMemory:
 
     def add(self, game: np.ndarray, slot: np.ndarray, action: np.ndarray, reward: np.ndarray,
             has_next: np.ndarray) -> None:
-        """Store transitions in the given order (oldest first)."""
-        at = torch.from_numpy((self.stored + np.arange(len(game))) % self.capacity).to(self.device)
-        for table, values in ((self.game, game), (self.slot, slot), (self.action, action),
-                              (self.reward, reward), (self.has_next, has_next)):
-            table[at] = torch.as_tensor(values, device=self.device).to(table.dtype)
-        self.stored += len(game)
+        """Store transitions in the given order (oldest first). They travel to the device in one copy, as
+        int64 rows (the rewards' float32 bits among them)."""
+        rows = np.stack([game, slot, action, np.asarray(reward, np.float32).view(np.int32), has_next]).astype(np.int64)
+        game, slot, action, reward_bits, has_next = self.staging(rows)
+        at = (torch.arange(len(rows[0]), device=self.device) + self.stored) % self.capacity
+        self.game[at], self.slot[at], self.action[at] = game, slot, action
+        self.reward[at] = reward_bits.to(torch.int32).view(torch.float32)
+        self.has_next[at] = has_next.bool()
+        self.stored += len(rows[0])
 
     def _window(self, game: torch.Tensor, newest: torch.Tensor, length: int):
         """Frames and game-start flags of `length` consecutive slots per game, newest first: (B, length, ...)."""
@@ -671,28 +722,34 @@ def epsilon(step: int, a: Args) -> float:
     return a.eps_end + (a.eps_start - a.eps_end) * math.exp(-step / a.eps_decay)
 
 
-def choose_actions(policy: nn.Module, stack: FrameStack, eps: float, n_actions: int,
-                   rng: np.random.Generator) -> np.ndarray:
-    """Epsilon-greedy actions for every game of `stack`; one forward pass, only for the games that need it."""
+@torch.no_grad()
+def greedy_actions(policy: nn.Module, stacks: torch.Tensor) -> torch.Tensor:
+    return policy(as_input(stacks)).argmax(1)
+
+
+def choose_actions(policy: nn.Module, stack: FrameStack, eps: float, n_actions: int, rng: np.random.Generator,
+                   greedy=None) -> np.ndarray:
+    """Epsilon-greedy actions for every game of `stack`, with at most one forward pass. Given `greedy` (as
+    `greedy_actions`, or it compiled), every game goes through it: one fixed shape, and the greedy choices
+    come back with the actions' one download. Without, only the games that need it (the CPU's cheapest way)."""
     n = len(stack)
     explore = rng.random(n) < eps
     actions = rng.integers(n_actions, size=n)
-    greedy = np.flatnonzero(~explore)
-    if len(greedy):
+    chosen = np.flatnonzero(~explore)
+    if len(chosen) and greedy is not None:
+        actions[chosen] = greedy(policy, stack.frames).cpu().numpy()[chosen]
+    elif len(chosen):
         stacks = stack.frames  # put in order only when a forward pass needs them
-        with torch.no_grad():
-            q = policy(as_input(stacks[torch.from_numpy(greedy).to(stacks.device)]))
-        actions[greedy] = q.argmax(1).cpu().numpy()
+        actions[chosen] = greedy_actions(policy, stacks[torch.from_numpy(chosen).to(stacks.device)]).cpu().numpy()
     return actions
 
 
 # ---- Learning step: one gradient update of the policy network on a uniform batch.
-def td_update(policy: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, batch, gamma: float,
-              n_step: int = 1, double: bool = False):
-    """Q-learning target r + gamma^n * max_a Q_target(s', a), 0 past a lost life (Mnih et al., 2015), or with
-    `double` Q_target(s', argmax_a Q_policy(s', a)) (van Hasselt et al., 2016); Huber loss.
-    Returns the loss and the mean Q of the batch, as device tensors (no host round trip)."""
-    states, actions, rewards, next_states, has_next = batch
+def td_loss(policy: nn.Module, target: nn.Module, states, actions, rewards, next_states, has_next,
+            discount: float, double: bool):
+    """Huber loss to the Q-learning target r + discount * max_a Q_target(s', a), 0 past a lost life (Mnih et
+    al., 2015), or with `double` Q_target(s', argmax_a Q_policy(s', a)) (van Hasselt et al., 2016); and the
+    batch's mean Q."""
     q = policy(as_input(states)).gather(1, actions.unsqueeze(1)).squeeze(1)
     with torch.no_grad():
         next_input = as_input(next_states)
@@ -701,13 +758,20 @@ def td_update(policy: nn.Module, target: nn.Module, optimizer: torch.optim.Optim
             next_q = next_all.gather(1, policy(next_input).argmax(1, keepdim=True)).squeeze(1)
         else:
             next_q = next_all.max(1).values
-        targets = rewards + gamma ** n_step * next_q * has_next
-    loss = F.smooth_l1_loss(q, targets)
+        targets = rewards + discount * next_q * has_next
+    return F.smooth_l1_loss(q, targets), q.detach().mean()
+
+
+def td_update(policy: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, batch, gamma: float,
+              n_step: int = 1, double: bool = False, loss_fn=td_loss):
+    """One gradient step on `td_loss` (gamma^n_step the discount of the n-step target); `loss_fn` is
+    td_loss, or it compiled. Returns the loss and the mean Q as device tensors (no host round trip)."""
+    loss, mean_q = loss_fn(policy, target, *batch, gamma ** n_step, double)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_value_(policy.parameters(), 1000)  # the tutorial's bound
     optimizer.step()
-    return loss.detach(), q.detach().mean()
+    return loss.detach(), mean_q
 
 
 @torch.no_grad()
@@ -1119,6 +1183,7 @@ class Counters:
     episodes: int = 0                    # lives lost: the tutorial's episodes
     games: int = 0                       # games finished
     updates: int = 0                     # gradient updates
+    unlearned: int = 0                   # transitions stored whose due updates are not made yet (--overlap)
     seconds: float = 0.0                 # training time, as of the last full checkpoint
     evals: int = 0                       # evaluations run
     life_sum: float = 0.0                # sum and count of the life scores since the curve's last redraw
@@ -1388,6 +1453,30 @@ def describe(args: Args, device: torch.device, replay_bytes: int) -> str:
         f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)"])
 
 
+def compiled_functions(run: Run, args: Args, device: torch.device):
+    """td_loss and greedy_actions through torch.compile: fused kernels, on CUDA replayed as CUDA graphs (one
+    launch instead of dozens). Compiled now, by one update on copies of the networks (the run is left as it
+    was); where compiling fails, one line says so and the eager functions go on."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    loss_fn, greedy = torch.compile(td_loss, mode=mode), torch.compile(greedy_actions, mode=mode)
+    policy, target, optimizer = copy.deepcopy((run.policy_net, run.target_net, run.optimizer))
+    stacks = lambda n: torch.zeros((n, args.frames, SIZE, SIZE), dtype=torch.uint8, device=device)
+    b = args.batch_size
+    batch = (stacks(b), torch.zeros(b, dtype=torch.int64, device=device), torch.zeros(b, device=device), stacks(b),
+             torch.ones(b, dtype=torch.bool, device=device))
+    started = time.time()
+    try:
+        for _ in range(3):  # CUDA graphs are recorded at the third call
+            td_update(policy, target, optimizer, batch, args.gamma, args.n_step, args.double, loss_fn)
+            greedy(policy, stacks(args.envs))
+    except Exception as e:  # no C++ compiler, a GPU or PyTorch build without Triton, ...
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        print(f"note: torch.compile failed ({type(e).__name__}: {reason}); going on without compiling", flush=True)
+        return td_loss, (greedy_actions if device.type != "cpu" else None)
+    print(f"compiled the learning update and acting in {time.time() - started:.0f} s", flush=True)
+    return loss_fn, greedy
+
+
 def torch_threads(args: Args, device: torch.device, learning: bool) -> int:
     """All cores for learning. Acting and bookkeeping run small tensor ops between emulator steps; on CPU more
     threads there only fight ale-py's threads for the cores (3x slower on 2 cores)."""
@@ -1405,6 +1494,14 @@ class Session:
         if self.log.tb is not None and not resumed:
             self.log.tb.add_text("hyperparameters", "|flag|value|\n|-|-|\n" +
                                  "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+        cuda = device.type == "cuda"
+        self.overlap = args.overlap == "on" or (args.overlap == "auto" and cuda and args.envs > 1)
+        # Acting on CPU forwards only the games that act greedily; elsewhere all of them, with no upload.
+        self.loss_fn, self.greedy = td_loss, (greedy_actions if device.type != "cpu" else None)
+        if args.compile == "on" or (args.compile == "auto" and cuda):
+            self.loss_fn, self.greedy = compiled_functions(run, args, device)
+        print(f"learning {'while the games step' if self.overlap else 'between steps of the games'}, "
+              f"{'compiled' if self.loss_fn is not td_loss else 'not compiled'}", flush=True)
         self.started, self.seconds_before = time.time(), run.counters.seconds
         self.checkpoints = Every.counting_from(60 * args.checkpoint_minutes)  # counting this session's seconds
         self.rate_time, self.rate_steps, self.steps_per_s = time.time(), run.counters.steps, 0.0
@@ -1413,6 +1510,7 @@ class Session:
                             (args.steps, "step") if args.steps is not None else (args.episodes, "ep"))
         self.bar = tqdm(total=self.total, initial=self.progress(run.counters), unit=unit, desc="training",
                         dynamic_ncols=True, mininterval=1.0)
+        self.staging = Staging(device)  # the frames' upload
         self.stop = StopRequest()  # last: train() gives the signals back from here on
 
     def seconds(self) -> float:
@@ -1443,7 +1541,7 @@ class Session:
 def act(run: Run, session: Session) -> np.ndarray:
     """Epsilon-greedy actions for every game, and FIRE wherever a life starts, so that the ball is served."""
     actions = choose_actions(run.policy_net, run.stack, epsilon(run.counters.steps, session.args),
-                             session.n_actions, run.rng)
+                             session.n_actions, run.rng, session.greedy)
     if session.fire is not None:
         actions[run.tracking.need_fire] = session.fire
     return actions
@@ -1458,11 +1556,12 @@ class Outcome(NamedTuple):
     game_over: np.ndarray
 
 
-def step_games(run: Run, session: Session, actions: np.ndarray) -> Outcome:
-    """Step every game once: score it, and put its new frame into the replay memory and its frame stack."""
+def step_games(run: Run, session: Session) -> Outcome:
+    """Finish the step `send` started: score every game, and put its new frame into the replay memory and its
+    frame stack."""
     args, tracking = session.args, run.tracking
     state_slot = (run.replay.frames_written - 1) % run.replay.slots
-    screens, reward, terminated, truncated, lives = run.games.step(actions)
+    screens, reward, terminated, truncated, lives = run.games.recv()
     run.counters.steps += args.envs
     game_over = terminated | truncated
     life_lost = terminated | ((lives < tracking.lives) & ~game_over)
@@ -1474,32 +1573,35 @@ def step_games(run: Run, session: Session, actions: np.ndarray) -> Outcome:
     learn_reward = reward if args.no_reward_clipping else np.clip(reward, -1, 1)
     learn_reward = np.where(life_lost, -1.0, learn_reward).astype(np.float32)
     frames = preprocess_all(screens, erase_rng(run, args), run.games.screen_lut)
-    frames = torch.from_numpy(frames).to(session.device, non_blocking=True)
-    run.replay.add_frames(frames, torch.from_numpy(game_over).to(session.device, non_blocking=True))
-    run.stack.push(frames, game_over)
+    n = len(frames)  # frames and new-game flags go up together, in one copy
+    up = session.staging(np.concatenate([frames.reshape(n, -1), game_over.reshape(n, 1).astype(np.uint8)], 1))
+    frames, new_game = up[:, :-1].view(n, SIZE, SIZE), up[:, -1].bool()
+    run.replay.add_frames(frames, new_game)
+    run.stack.push(frames, new_game)
     return Outcome(state_slot, learn_reward, done, game_over)
 
 
-def store_transitions(run: Run, actions: np.ndarray, outcome: Outcome) -> range:
-    """The counts of the transitions stored by this step: the updates due at them are due now."""
+def store_transitions(run: Run, actions: np.ndarray, outcome: Outcome) -> None:
+    """The transitions this step completes; the updates due at them are made by the next `learn`."""
     before = run.replay.stored
     run.transitions.store(run.replay, outcome.state_slot, actions, outcome.rewards, outcome.done)
-    return range(before + 1, run.replay.stored + 1)
+    run.counters.unlearned += run.replay.stored - before
 
 
-def learn(run: Run, session: Session, stored: range) -> None:
-    """The updates due at the transitions just stored: a gradient update every --update-every of them once
-    past --learn-start, a soft target update every --target-every."""
-    args, learned = session.args, False
-    for count in stored:
+def learn(run: Run, session: Session) -> None:
+    """The updates due at the transitions stored since the last call: a gradient update every --update-every
+    of them once past --learn-start, a soft target update every --target-every."""
+    args, learned, counters = session.args, False, run.counters
+    due, counters.unlearned = range(run.replay.stored - counters.unlearned + 1, run.replay.stored + 1), 0
+    for count in due:
         if count % args.update_every == 0 and count > args.transitions_before_learning:
             if not learned:
                 torch.set_num_threads(torch_threads(args, session.device, learning=True))
                 learned = True
             batch = run.replay.sample(args.batch_size, run.sampler)
             run.learning.add(*td_update(run.policy_net, run.target_net, run.optimizer, batch, args.gamma,
-                                        args.n_step, args.double))
-            run.counters.updates += 1
+                                        args.n_step, args.double, session.loss_fn))
+            counters.updates += 1
         if count % args.target_every == 0:
             soft_update(run.target_net, run.policy_net, args.tau)
     if learned:
@@ -1621,6 +1723,8 @@ def train(args: Args, given: set) -> dict:
     args, run_dir, checkpoint = prepare_run(args, given)
     device = pick_device(args.device)
     torch.set_num_threads(torch_threads(args, device, learning=False))
+    if device.type == "cuda":  # TF32 for float32 matrix work and convolutions: the tensor cores' speed
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     games = make_games(args.env, args.envs, args.seed)
     replay_bytes = ReplayMemory.bytes_needed(args.memory, args.envs, args.frames, args.steps_per_transition,
                                              args.n_step)
@@ -1638,8 +1742,13 @@ def train(args: Args, given: set) -> dict:
     try:
         while session.budget_left(run.counters) and session.stop.signal is None:
             actions = act(run, session)
-            outcome = step_games(run, session, actions)
-            learn(run, session, store_transitions(run, actions, outcome))
+            run.games.send(actions)
+            if session.overlap:  # the last step's updates, while the emulator's threads play this one
+                learn(run, session)
+            outcome = step_games(run, session)
+            store_transitions(run, actions, outcome)
+            if not session.overlap:
+                learn(run, session)
             record(run, session, outcome)
             periodic_work(run, session)
         summary = dict(dataclasses.asdict(run.counters), session_seconds=session.seconds(),

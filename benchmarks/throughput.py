@@ -1,10 +1,15 @@
 #!/usr/bin/env python
-"""Agent steps per second of the real trainer, with learning off and on; replay bytes per stored transition;
-seconds per gradient update. Prints a table; the last line is machine-readable.
+"""Agent steps per second of the real trainer beside the tutorial's own loop, on one machine in one go:
+learning off and on (the tutorial's rule, batch 256), the fast recipe, seconds per update (eager and
+compiled), replay bytes per stored transition. Prints a table; the last line is machine-readable.
 
-Side by side with the tutorial's own loop, same machine, same learning rule:
-    python ../shared/bench/tutorial_loop.py --steps 20000 --learn-start 1000 && \
-    python benchmarks/throughput.py --steps 20000 --learn-start 1000
+    python benchmarks/throughput.py --device cuda    # a GPU box: the issue's figures
+    python benchmarks/throughput.py --steps 20000    # CPU
+
+The tutorial's loop (../shared/bench/tutorial_loop.py, or --tutorial PATH) runs first, with the same
+--learn-start; its rate while learning is the difference of a run up to where learning starts (6 x
+--learn-start agent steps) and a whole run. The trainer's learning-on rates are whole runs: they include
+those first steps, 1% of the default run on CUDA.
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import argparse
 import contextlib
 import io
 import os
+import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +40,10 @@ def run_trainer(flags: list[str]) -> dict:
             return tb.train(args, given)
 
 
-def seconds_per_update(device: torch.device, batch_size: int, frames: int, repeats: int = 20) -> float:
-    """Mean wall time of sample + td_update on a replay memory of random frames."""
+def seconds_per_update(device: torch.device, batch_size: int, frames: int, compiled: bool,
+                       repeats: int = 50) -> float:
+    """Mean wall time of sample + td_update on a replay memory of random frames, the optimiser as the trainer
+    makes it; `compiled` as the trainer compiles it (CUDA graphs on CUDA)."""
     replay = tb.ReplayMemory(4096, 1, frames, frames, device)
     for _ in range(2048):
         replay.add_frames(torch.randint(0, 256, (1, tb.SIZE, tb.SIZE), dtype=torch.uint8, device=device),
@@ -44,10 +53,15 @@ def seconds_per_update(device: torch.device, batch_size: int, frames: int, repea
                np.ones(k, bool))
     policy = tb.DuelingNetwork(frames, 4).to(device, memory_format=torch.channels_last)
     target = tb.DuelingNetwork(frames, 4).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, amsgrad=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, amsgrad=True,
+                                  fused=device.type in ("cpu", "cuda") or None)
     generator = torch.Generator(device=device)
-    step = lambda: tb.td_update(policy, target, optimizer, replay.sample(batch_size, generator), 0.99)
-    for _ in range(3):
+    loss_fn = tb.td_loss
+    if compiled:
+        loss_fn = torch.compile(tb.td_loss, mode="reduce-overhead" if device.type == "cuda" else None)
+    step = lambda: tb.td_update(policy, target, optimizer, replay.sample(batch_size, generator), 0.99,
+                                loss_fn=loss_fn)
+    for _ in range(5):  # compiling, and CUDA graphs recorded at the third call
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -56,6 +70,22 @@ def seconds_per_update(device: torch.device, batch_size: int, frames: int, repea
         loss, _ = step()
     loss.item()  # waits for the device
     return (time.perf_counter() - start) / repeats
+
+
+def tutorial_loop(path: Path, steps: int, memory: int, learn_start: int) -> dict:
+    """The tutorial's loop as a separate process (it uses CUDA when it sees it): its closing line's figures."""
+    out = subprocess.run([sys.executable, str(path), "--steps", str(steps), "--memory", str(memory),
+                          "--learn-start", str(learn_start), "--threads", str(os.cpu_count() or 1)],
+                         capture_output=True, text=True, check=True).stdout
+    return {k: float(v) for k, v in (kv.split("=", 1) for kv in out.strip().splitlines()[-1].split()[1:])}
+
+
+def tutorial_learning_rate(path: Path, steps: int, memory: int, learn_start: int) -> tuple[float, float]:
+    """The tutorial's loop's agent steps/s while it learns, and its updates: a run to the point where its
+    learning begins (6 agent steps per stored transition) subtracted from a run of `steps`."""
+    warm = 6 * learn_start
+    before, whole = tutorial_loop(path, warm, memory, learn_start), tutorial_loop(path, steps, memory, learn_start)
+    return (whole["steps"] - before["steps"]) / (whole["seconds"] - before["seconds"]), whole["updates"]
 
 
 def emulator_steps_per_s(env_id: str, games: int, seconds: float = 5.0) -> float:
@@ -72,41 +102,64 @@ def emulator_steps_per_s(env_id: str, games: int, seconds: float = 5.0) -> float
     return rate
 
 
+def cpu_model() -> str:
+    if os.path.exists("/proc/cpuinfo"):
+        return next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    return platform.processor()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20_000, help="agent steps per measured run")
-    p.add_argument("--learn-start", type=int, default=1_000, help="stored transitions before learning begins")
+    p.add_argument("--steps", type=int, default=None, help="agent steps per measured run of the trainer "
+                   "(default: 200,000 on CUDA, else 20,000), learning after the first 6 x --learn-start")
+    p.add_argument("--tutorial-steps", type=int, default=10_000, help="agent steps of the tutorial's loop (0: "
+                   "leave it out); it learns after its first 6 x --learn-start")
+    p.add_argument("--tutorial", default=str(Path(__file__).resolve().parents[2] / "shared/bench/tutorial_loop.py"))
+    p.add_argument("--learn-start", type=int, default=300, help="stored transitions before learning begins")
     p.add_argument("--memory", type=int, default=100_000, help="replay memory capacity")
     p.add_argument("--envs", type=int, default=tb.Args.envs, help="games stepped together")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=int, default=256)
     a = p.parse_args()
     device = tb.pick_device(a.device)
-    common = ["--steps", str(a.steps), "--memory", str(a.memory), "--envs", str(a.envs), "--device", a.device,
-              "--batch-size", str(a.batch_size), "--seed", "1"]
+    cuda = device.type == "cuda"
+    steps = a.steps or (200_000 if cuda else 20_000)
+    tutorial_on, tutorial_updates = float("nan"), "-"
+    if a.tutorial_steps and Path(a.tutorial).exists():
+        tutorial_on, tutorial_updates = tutorial_learning_rate(Path(a.tutorial), a.tutorial_steps, a.memory,
+                                                               a.learn_start)
+    common = ["--steps", str(steps), "--memory", str(a.memory), "--envs", str(a.envs), "--device", a.device,
+              "--seed", "1"]
+    rule = common + ["--batch-size", str(a.batch_size)]
     ceiling = emulator_steps_per_s("ALE/Breakout-v5", a.envs) if a.envs > 1 else float("nan")
-    off = run_trainer(common + ["--learn-start", str(10**15)])
-    on = run_trainer(common + ["--learn-start", str(a.learn_start)])
+    rate = lambda r: r["steps"] / r["session_seconds"]
+    off = run_trainer(rule + ["--learn-start", str(10**15)])
+    on = run_trainer(rule + ["--learn-start", str(a.learn_start)])
+    plain = run_trainer(rule + ["--learn-start", str(a.learn_start), "--compile", "off", "--overlap", "off"])
+    fast = run_trainer(common + ["--recipe", "fast", "--learn-start", str(a.learn_start)])
     torch.set_num_threads(os.cpu_count() or 1)  # the trainer learns with every core
-    update = seconds_per_update(device, a.batch_size, 6)
+    eager_update = seconds_per_update(device, a.batch_size, 6, compiled=False)
+    compiled_update = seconds_per_update(device, a.batch_size, 6, compiled=True)
     bytes_per_transition = tb.ReplayMemory.bytes_needed(a.memory, a.envs, 6, 6) // a.memory
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "cpu")
-        if os.path.exists("/proc/cpuinfo") else "cpu")
-    rows = [("device", f"{device} ({name}), {torch.get_num_threads()} torch threads"),
+    gpu = torch.cuda.get_device_name(device) if cuda else "none"
+    rows = [("device", f"{device}; GPU: {gpu}; CPU: {cpu_model()}, {os.cpu_count()} cores"),
             ("games stepped together", a.envs),
-            ("agent steps per run", a.steps),
+            ("agent steps per run (tutorial's loop)", f"{steps} ({a.tutorial_steps})"),
+            ("steps/s, the tutorial's loop, while learning", f"{tutorial_on:.1f} ({tutorial_updates:.0f} updates)"),
             ("steps/s, emulator alone (ceiling)", f"{ceiling:.1f}"),
-            ("steps/s, learning off", f"{off['steps'] / off['session_seconds']:.1f}"),
-            ("steps/s, learning on", f"{on['steps'] / on['session_seconds']:.1f}"),
-            ("gradient updates in the learning run", on["updates"]),
-            ("seconds per update (sample + learn)", f"{update:.4f}"),
+            ("steps/s, learning off", f"{rate(off):.1f}"),
+            ("steps/s, learning on", f"{rate(on):.1f} ({on['updates']} updates)"),
+            ("  ... beside the tutorial's loop", f"{rate(on) / tutorial_on:.1f}x"),
+            ("steps/s, learning on, not compiled, in turn", f"{rate(plain):.1f} ({plain['updates']} updates)"),
+            ("steps/s, --recipe fast", f"{rate(fast):.1f} ({fast['updates']} updates)"),
+            ("seconds per update, eager (sample + learn)", f"{eager_update:.5f}"),
+            ("seconds per update, compiled", f"{compiled_update:.5f}"),
             ("replay bytes per stored transition", bytes_per_transition),
             ("replay memory for --memory", f"{on['replay_bytes'] / 2**30:.2f} GiB")]
     for k, v in rows:
-        print(f"{k:>38} | {v}")
-    print(f"steps_per_s={on['steps'] / on['session_seconds']:.1f} bytes_per_transition={bytes_per_transition} "
-          f"updates={on['updates']}")
+        print(f"{k:>44} | {v}")
+    print(f"steps_per_s={rate(on):.1f} tutorial_steps_per_s={tutorial_on:.1f} off_steps_per_s={rate(off):.1f} "
+          f"fast_steps_per_s={rate(fast):.1f} update_s={compiled_update:.5f} bytes_per_transition={bytes_per_transition}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,12 @@ class ScriptedGame:
     def reset(self):
         return self._frame(), np.array([self.lives[0]])
 
+    def send(self, actions):
+        self.sent = actions
+
+    def recv(self):
+        return self.step(self.sent)
+
     def step(self, actions):
         self.received.append(int(actions[0]))
         t, self.t = self.t, self.t + 1

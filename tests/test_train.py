@@ -335,6 +335,12 @@ class ScriptedGames:
     def reset(self):
         return self._frame(), np.array([self.lives])
 
+    def send(self, actions):
+        self.sent = actions
+
+    def recv(self):
+        return self.step(self.sent)
+
     def step(self, actions):
         self.received.append(int(actions[0]))
         reward, event = self.script[self.t]
