@@ -1723,8 +1723,8 @@ def train(args: Args, given: set) -> dict:
     args, run_dir, checkpoint = prepare_run(args, given)
     device = pick_device(args.device)
     torch.set_num_threads(torch_threads(args, device, learning=False))
-    if device.type == "cuda":  # TF32 for float32 matrix work and convolutions: the tensor cores' speed
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # TF32 for float32 matrix products (convolutions use it by default)
+        torch.set_float32_matmul_precision("high")
     games = make_games(args.env, args.envs, args.seed)
     replay_bytes = ReplayMemory.bytes_needed(args.memory, args.envs, args.frames, args.steps_per_transition,
                                              args.n_step)
