@@ -19,11 +19,14 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import queue
 import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +60,7 @@ def opt(default, help: str, bounds: Optional[str] = None, new_on_resume: bool = 
 
 
 POSITIVE, NOT_NEGATIVE, UNIT = "(0, inf)", "[0, inf)", "[0, 1]"
+EVAL_BESIDE_CORES = 8  # --eval-beside auto: the cores from which an evaluation plays beside training
 
 
 @dataclass
@@ -82,6 +86,9 @@ class Args:
     eval_every: int = opt(500_000, "agent steps between evaluations (0: never)", NOT_NEGATIVE, new_on_resume=True)
     eval_games: int = opt(10, "games per evaluation", POSITIVE, new_on_resume=True)
     eval_eps: float = opt(0.01, "epsilon during evaluation", UNIT, new_on_resume=True)
+    eval_beside: str = opt("auto", "play evaluations in a process of their own while training goes on (auto: on "
+                                   f"with {EVAL_BESIDE_CORES} or more cores; with fewer they would only take the "
+                                   "emulator's cores)", new_on_resume=True, choices=["auto", "on", "off"])
     capture_video: bool = opt(False, "save each evaluation's best game to videos/ as MP4", new_on_resume=True)
     # The machine
     env: str = opt("ALE/Breakout-v5", "Gymnasium id of any ALE game")
@@ -231,7 +238,7 @@ class VectorGames:
     to step; `screen_lut` turns them into exactly the grey the tutorial's RGB path gives (see
     BREAKOUT_GREY). Other games come back as RGB."""
 
-    def __init__(self, env_id: str, n: int, seed: int, rgb: bool = False):
+    def __init__(self, env_id: str, n: int, seed: int, rgb: bool = False, threads: Optional[int] = None):
         import ale_py
         s = ale_settings(env_id)
         self.screen_lut = breakout_grey_lut() if s["game"] == "breakout" and not rgb else None
@@ -240,7 +247,7 @@ class VectorGames:
             max_num_frames_per_episode=s["max_num_frames_per_episode"], img_height=210, img_width=160,
             grayscale=self.screen_lut is not None, stack_num=1, maxpool=False, noop_max=0, reward_clipping=False,
             use_fire_reset=False, episodic_life=False, autoreset_mode="SameStep",
-            num_threads=min(n, os.cpu_count() or 1), thread_affinity_offset=0)
+            num_threads=min(n, threads or os.cpu_count() or 1), thread_affinity_offset=0 if threads is None else -1)
         self.actions = list(self.env.ale.get_action_set())
         self.seed = seed
 
@@ -347,9 +354,10 @@ class OneGame:
         self.env.close()
 
 
-def make_games(env_id: str, n: int, seed: int, rgb: bool = False):
-    """One gym.make game for n == 1, else ale-py's vector environment (RGB frames with `rgb`)."""
-    return OneGame(env_id, seed) if n == 1 else VectorGames(env_id, n, seed, rgb)
+def make_games(env_id: str, n: int, seed: int, rgb: bool = False, threads: Optional[int] = None):
+    """One gym.make game for n == 1, else ale-py's vector environment (RGB frames with `rgb`), stepped by
+    `threads` threads (default: one per core, pinned)."""
+    return OneGame(env_id, seed) if n == 1 else VectorGames(env_id, n, seed, rgb, threads)
 
 
 def fire_action(actions: list) -> Optional[int]:
@@ -487,6 +495,7 @@ class ReplayMemory:
         self.frames_written = 0  # frame slots written so far; the newest is (frames_written - 1) % slots
         self.stored = 0          # transitions stored so far; the FIFO holds the last min(stored, capacity)
         self.staging = Staging(device)
+        self.snapshot: Optional[RingSnapshot] = None  # the frames as a checkpoint being written reads them
 
     @staticmethod
     def ring_slots(capacity: int, games: int, depth: int, block: int, n_step: int = 1) -> int:
@@ -503,6 +512,8 @@ class ReplayMemory:
     def add_frames(self, frames: torch.Tensor, game_start: torch.Tensor) -> int:
         """Write one frame per game; returns the slot."""
         slot = self.frames_written % self.slots
+        if self.snapshot is not None and not self.snapshot.keep_before_overwrite(slot):
+            self.snapshot = None  # read whole
         self.frames[slot] = frames
         self.game_start[slot] = game_start
         self.frames_written += 1
@@ -553,12 +564,13 @@ class ReplayMemory:
     TABLES = ("frames", "game_start", "game", "slot", "action", "reward", "has_next")
 
     def state_dict(self) -> dict:
-        """The tables as NumPy arrays, and the two counters. Only the part written so far is kept, so an
-        early checkpoint is small."""
+        """The tables as NumPy arrays (the frames as a RingSnapshot), and the two counters. Only the part
+        written so far is kept, so an early checkpoint is small."""
         slots_used, transitions = min(self.frames_written, self.slots), len(self)
-        state = {name: getattr(self, name)[:slots_used if name in ("frames", "game_start") else transitions]
-                 .cpu().numpy() for name in self.TABLES}
-        return dict(state, frames_written=self.frames_written, stored=self.stored)
+        state = {name: getattr(self, name)[:slots_used if name == "game_start" else transitions].cpu().numpy()
+                 for name in self.TABLES if name != "frames"}
+        self.snapshot = RingSnapshot(self.frames[:slots_used])
+        return dict(state, frames=self.snapshot, frames_written=self.frames_written, stored=self.stored)
 
     def load_state_dict(self, state: dict) -> None:
         for name in self.TABLES:
@@ -574,6 +586,49 @@ class ReplayMemory:
             else:
                 target[:len(source)].copy_(torch.from_numpy(np.array(source)))
         self.frames_written, self.stored = int(state["frames_written"]), int(state["stored"])
+
+
+class RingSnapshot:
+    """The replay frames as they were when a checkpoint was taken, read a chunk at a time by the thread that
+    writes it while training goes on overwriting the ring: before training overwrites a slot the writer has not
+    read yet, the slot's frames are set aside for the writer (one slot per agent step, 113 KB for 16 games,
+    where a copy of the whole memory would stop training for seconds). On a GPU the chunks come down one at a
+    time, so the host never holds a second copy of the memory either."""
+
+    def __init__(self, frames: torch.Tensor):
+        self.frames, self.shape, self.dtype = frames, tuple(frames.shape), np.dtype(np.uint8)
+        self.nbytes = frames.numel()
+        self.lock = threading.Lock()
+        self.read_up_to = 0  # slots below this one have been read
+        self.aside: dict = {}  # slot: its frames at the snapshot, for slots overwritten before they were read
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def keep_before_overwrite(self, slot: int) -> bool:
+        """Training is about to overwrite `slot`: set its frames aside if the writer still needs them. False once
+        the writer has read everything (the snapshot can be dropped)."""
+        with self.lock:
+            if self.read_up_to >= len(self):
+                return False
+            if slot >= self.read_up_to and slot < len(self) and slot not in self.aside:
+                self.aside[slot] = self.frames[slot].clone()
+            return True
+
+    def close(self) -> None:
+        with self.lock:
+            self.read_up_to, self.aside = len(self), {}
+
+    def chunks(self, rows: int):
+        """The frames in order, `rows` slots at a time, as NumPy arrays."""
+        for start in range(0, len(self), rows):
+            with self.lock:
+                end = min(start + rows, len(self))
+                chunk = self.frames[start:end].to("cpu", copy=True)
+                for slot in [s for s in self.aside if start <= s < end]:
+                    chunk[slot - start] = self.aside.pop(slot)
+                self.read_up_to = end
+            yield chunk.numpy()
 
 
 def check_memory_fits(needed: int, device: torch.device) -> None:
@@ -843,10 +898,10 @@ class VideoWriter:
 
 @torch.no_grad()
 def evaluate(policy: nn.Module, env_id: str, games: int, eps: float, depth: int, device: torch.device,
-             seed: int, video: Optional[str] = None) -> dict:
+             seed: int, video: Optional[str] = None, threads: Optional[int] = None) -> dict:
     """Play `games` whole games (forced FIRE each life, epsilon `eps`, no erasing); not part of training.
-    With `video`, the best game is written there."""
-    env = make_games(env_id, games, seed, rgb=True)
+    With `video`, the best game is written there; `threads` steps the games (default: one per core)."""
+    env = make_games(env_id, games, seed, rgb=True, threads=threads)
     fire = fire_action(env.actions)
     rng = np.random.default_rng(seed)
     rgb, lives = env.reset()
@@ -891,12 +946,14 @@ METRIC_COLUMNS = ["kind", "step", "seconds", "episode", "score", "lives_lost", "
 class RunLog:
     """metrics.csv (one row per finished game and per evaluation) and the same scalars for TensorBoard."""
 
-    def __init__(self, run_dir: Path, resume_step: Optional[int]):
+    def __init__(self, run_dir: Path, resume_step: Optional[int], replayed_eval: Optional[int] = None):
         self.path = run_dir / "metrics.csv"
         if resume_step is not None and self.path.exists():
-            # Rows written after the checkpoint belong to work that is about to be done again.
+            # Rows written after the checkpoint belong to work that is about to be done again, and so does the
+            # row of the evaluation that was playing beside training when the checkpoint was taken.
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step
+                        and not (r["kind"] == "eval" and int(r["step"]) == replayed_eval)]
             write_atomically(self.path, lambda f: self._write_rows(f, rows), text=True)
         elif resume_step is None:
             write_atomically(self.path, lambda f: self._write_rows(f, []), text=True)
@@ -929,10 +986,28 @@ class RunLog:
             self.tb.close()
 
 
-def windowed_mean(x: np.ndarray, window: int) -> np.ndarray:
-    c = np.cumsum(np.insert(np.asarray(x, float), 0, 0.0))
-    n = np.minimum(np.arange(1, len(x) + 1), window)
-    return (c[1:] - c[np.arange(1, len(x) + 1) - n]) / n
+class Rows:
+    """A table that grows a row at a time, in one float64 array that doubles when full: a run of 10 million
+    games keeps 240 MB here where Python lists of rows would take gigabytes, and `array` costs nothing."""
+
+    def __init__(self, width: int, rows=()):
+        rows = np.asarray(rows, float).reshape(-1, width)
+        self.data, self.n = np.zeros((max(64, 2 * len(rows)), width)), len(rows)
+        self.data[:self.n] = rows
+
+    def append(self, row) -> None:
+        if self.n == len(self.data):
+            self.data = np.concatenate([self.data, np.zeros_like(self.data)])
+        self.data[self.n] = row
+        self.n += 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def array(self) -> np.ndarray:
+        """The rows so far, (n, width); a view, so copy it before handing it to another thread."""
+        return self.data[:self.n]
 
 
 class History:
@@ -943,39 +1018,91 @@ class History:
     COLUMNS = dict(games=3, lives=3, evals=5, learning=3)
 
     def __init__(self):
-        self.games, self.lives, self.evals, self.learning = [], [], [], []
+        for name, width in self.COLUMNS.items():
+            setattr(self, name, Rows(width))
 
     def state_dict(self) -> dict:
-        return {name: np.asarray(getattr(self, name), float).reshape(-1, width)
-                for name, width in self.COLUMNS.items()}
+        """Read-only views: the rows so far are never written again, so a checkpoint needs no copy of them."""
+        views = {name: getattr(self, name).array for name in self.COLUMNS}
+        for view in views.values():
+            view.flags.writeable = False
+        return views
 
     def load_state_dict(self, state: dict) -> None:
         for name, width in self.COLUMNS.items():
-            setattr(self, name, np.asarray(state[name], float).reshape(-1, width).tolist())
+            setattr(self, name, Rows(width, state[name]))
 
 
-def plot_curve(path: Path, history: History, env_id: str) -> None:
-    """curve.png: scores per game and per life (windowed means), evaluations, wall mark; loss and Q below."""
+CURVE_POINTS = 2_000  # the most points a line of curve.png gets: a redraw costs the same at any run length
+
+
+def bin_ends(n: int, points: int = CURVE_POINTS) -> np.ndarray:
+    """Indices of the last row of each of at most `points` runs of consecutive rows out of `n`."""
+    return np.unique(np.linspace(0, n - 1, min(n, points)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+
+
+def thinned(rows: np.ndarray, points: int = CURVE_POINTS) -> np.ndarray:
+    """At most `points` rows: each the mean of a run of consecutive rows, at the agent step (column 0) of its
+    last one."""
+    if len(rows) <= points:
+        return rows.copy()
+    ends = bin_ends(len(rows), points)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return np.column_stack([rows[ends, 0], np.add.reduceat(rows[:, 1:], starts) / (ends - starts + 1)[:, None]])
+
+
+def curve_data(history: History, window: int = 100) -> dict:
+    """What curve.png draws, thinned to at most CURVE_POINTS points a line, with the work kept close to the
+    points drawn: up to CURVE_POINTS games are drawn one by one. Past that, each run of games between two
+    points shows its lowest and highest score, the mean of the `window` games up to its end and the best game
+    so far; the other lines are averaged over each run of rows (`thinned`). Cheap enough to run in the
+    training loop."""
+    games = history.games.array
+    data = {name: thinned(getattr(history, name).array) for name in ("lives", "evals", "learning")}
+    ends = bin_ends(len(games))
+    if len(games):
+        scores = games[:, 2]
+        last = ends[:, None] - np.arange(window)[None, :]  # the `window` games up to each point
+        inside = last >= 0
+        mean = np.where(inside, scores[np.maximum(last, 0)], 0).sum(1) / inside.sum(1)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        low, high = np.minimum.reduceat(scores, starts), np.maximum.reduceat(scores, starts)
+        best = np.maximum.accumulate(high)
+        cleared = np.flatnonzero(high >= WALL_CLEARED)
+        first_clear = None
+        if len(cleared):
+            i = starts[cleared[0]] + np.argmax(scores[starts[cleared[0]]:ends[cleared[0]] + 1] >= WALL_CLEARED)
+            first_clear = games[i, 0]
+        data.update(step=games[ends, 0], low=low, high=high, mean=mean, best=best, first_clear=first_clear,
+                    each_game=len(ends) == len(games))
+    return data
+
+
+def draw_curve(path: Path, data: dict, env_id: str) -> None:
+    """curve.png from `curve_data`: scores per game and per life (windowed means), evaluations, wall mark; loss
+    and Q below. The file is replaced whole, so a reader never sees half a picture."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = history.state_dict()
-    games, lives, evals, learn = (rows[name] for name in ("games", "lives", "evals", "learning"))
+    lives, evals, learn = data["lives"], data["evals"], data["learning"]
     fig, (top, mid, low) = plt.subplots(3, 1, figsize=(10, 9), sharex=True,
                                         gridspec_kw=dict(height_ratios=[3, 1, 1]))
-    if len(games):
-        x = games[:, 0] / 1e6
-        top.plot(x, games[:, 2], ".", color="0.8", ms=2, label="game score")
-        top.plot(x, windowed_mean(games[:, 2], 100), color="C0", lw=2, label="game score, mean of 100 games")
-        top.plot(x, np.maximum.accumulate(games[:, 2]), color="C2", lw=1, ls="--", label="best game so far")
+    if "step" in data:
+        x = data["step"] / 1e6
+        if data["each_game"]:
+            top.plot(x, data["high"], ".", color="0.8", ms=2, label="game score")
+        else:
+            top.fill_between(x, data["low"], data["high"], color="0.85", lw=0, label="game scores, lowest to highest")
+        top.plot(x, data["mean"], color="C0", lw=2, label="game score, mean of 100 games")
+        top.plot(x, data["best"], color="C2", lw=1, ls="--", label="best game so far")
     if len(lives):
         top.plot(lives[:, 0] / 1e6, lives[:, 2], color="C1", lw=1.5, label="life score, mean per plot window")
     if len(evals):
-        top.plot(evals[:, 0] / 1e6, evals[:, 2], "o-", color="C3", ms=4, label="evaluation mean")
-    if WALL_CLEARED <= (games[:, 2].max() if len(games) else 0):
-        first = games[np.argmax(games[:, 2] >= WALL_CLEARED), 0] / 1e6
-        top.axvline(first, color="k", ls=":", lw=1)
-        top.annotate(" wall cleared", (first, WALL_CLEARED), fontsize=9)
+        top.plot(evals[:, 0] / 1e6, evals[:, 2], "o-" if len(evals) <= 200 else "-", color="C3", ms=4,
+                 label="evaluation mean")
+    if data.get("first_clear") is not None:
+        top.axvline(data["first_clear"] / 1e6, color="k", ls=":", lw=1)
+        top.annotate(" wall cleared", (data["first_clear"] / 1e6, WALL_CLEARED), fontsize=9)
     top.set_ylabel("score (points)")
     top.set_title(f"{env_id}: training progress")
     if top.get_legend_handles_labels()[0]:
@@ -1027,8 +1154,9 @@ def write_atomically(path: Path, write, text: bool = False) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_snapshot(net: nn.Module, path: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+def save_snapshot(net: nn.Module | dict, path: Path) -> None:
+    """A network, or its state_dict, as a .pth the tutorial's code loads (plain tensors, on the CPU)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in (net if isinstance(net, dict) else net.state_dict()).items()}
     write_atomically(path, lambda f: torch.save(state, f))
 
 
@@ -1044,11 +1172,17 @@ class DamagedCheckpoint(Exception):
     pass
 
 
-def save_array(path: Path, array: np.ndarray) -> None:
+def save_array(path: Path, array: np.ndarray | RingSnapshot) -> None:
     """`array` as a .npy stream compressed with zstd (level 1, on every core), written a chunk at a time, so
     that saving the replay memory holds no second copy of it. Frames of play shrink about 100x."""
     with open(path, "wb") as f, zstandard.ZstdCompressor(level=1, threads=-1).stream_writer(f, closefd=False) as out:
-        np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
+        if not isinstance(array, RingSnapshot):
+            np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
+            return
+        header = dict(descr=np.lib.format.dtype_to_descr(array.dtype), fortran_order=False, shape=array.shape)
+        np.lib.format.write_array_header_1_0(out, header)
+        for chunk in array.chunks(max(1, (16 << 20) // max(1, array.nbytes // max(1, len(array))))):
+            out.write(chunk.data)
 
 
 class CompressedArray:
@@ -1114,6 +1248,9 @@ def save_checkpoint(root: Path, name: str, tensors: dict, arrays: dict, state: d
         fsync_dir(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for array in arrays.values():
+            if isinstance(array, RingSnapshot):
+                array.close()  # read or not, training need not keep its frames any longer
     for old in checkpoint_folders(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -1229,6 +1366,18 @@ class Every:
         return points
 
 
+@dataclass
+class PendingEvaluation:
+    """The evaluation playing beside training, if any: the agent step, episode and training seconds at which its
+    weights were taken, its number (which seeds its games) and the weights. A full checkpoint keeps it, so
+    that a resumed run plays it again instead of losing it."""
+    step: Optional[int] = None
+    episode: int = 0
+    seconds: float = 0.0
+    number: int = 0
+    weights: Optional[dict] = None
+
+
 # The periodic work a run keeps: its Run field, the flag that sets its interval, the counter it follows.
 SCHEDULES = (("snapshots", "save_every", "episodes"), ("curve", "plot_every", "episodes"),
              ("evaluations", "eval_every", "steps"))
@@ -1253,6 +1402,7 @@ class Run:
     snapshots: Every                     # <episode>.pth, counting episodes
     curve: Every                         # curve.png, counting episodes
     evaluations: Every                   # counting agent steps
+    evaluating: PendingEvaluation        # the evaluation playing beside training
 
 
 def new_run(args: Args, device: torch.device, games) -> Run:
@@ -1272,7 +1422,7 @@ def new_run(args: Args, device: torch.device, games) -> Run:
                FrameStack(n, args.frames, device),
                BlockRule(n, block) if args.n_step == 1 else NStepRule(n, args.n_step, args.gamma),
                GameTracking.new_games(np.zeros(n, np.int64)), Counters(), LearningStats(device), History(),
-               *(Every.counting_from(getattr(args, flag)) for _, flag, _ in SCHEDULES))
+               *(Every.counting_from(getattr(args, flag)) for _, flag, _ in SCHEDULES), PendingEvaluation())
 
 
 def start_games(run: Run, args: Args) -> None:
@@ -1332,7 +1482,7 @@ def checkpoint_files(run: Run) -> tuple[dict, dict, dict]:
     tensors, arrays, values = {}, {}, {}
     for f in dataclasses.fields(run):
         for name, value in part_state(getattr(run, f.name)).items():
-            if isinstance(value, np.ndarray):
+            if isinstance(value, (np.ndarray, RingSnapshot)):
                 arrays[f"{f.name}.{name}"] = value
             else:
                 (values if is_json(value) else tensors).setdefault(f.name, {})[name] = value
@@ -1490,7 +1640,7 @@ class Session:
     def __init__(self, args: Args, run_dir: Path, device: torch.device, run: Run, resumed: bool):
         self.args, self.run_dir, self.device = args, run_dir, device
         self.n_actions, self.fire = len(run.games.actions), fire_action(run.games.actions)
-        self.log = RunLog(run_dir, run.counters.steps if resumed else None)
+        self.log = RunLog(run_dir, run.counters.steps if resumed else None, run.evaluating.step)
         if self.log.tb is not None and not resumed:
             self.log.tb.add_text("hyperparameters", "|flag|value|\n|-|-|\n" +
                                  "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
@@ -1511,6 +1661,17 @@ class Session:
         self.bar = tqdm(total=self.total, initial=self.progress(run.counters), unit=unit, desc="training",
                         dynamic_ncols=True, mininterval=1.0)
         self.staging = Staging(device)  # the frames' upload
+        cores = os.cpu_count() or 1
+        self.eval_beside = args.eval_beside == "on" or (args.eval_beside == "auto" and cores >= EVAL_BESIDE_CORES)
+        if args.eval_every:
+            print(f"evaluations play {'beside training' if self.eval_beside else 'in the training loop'}"
+                  + ("" if args.eval_beside != "auto" else f" ({cores} cores; --eval-beside on|off to choose)"),
+                  flush=True)
+        # Beside training: the curve's process, the evaluations' process, the thread writing a checkpoint.
+        self.curves = Helper("curve", newest_only=True, results=False)
+        self.evaluations = Helper("evaluations")
+        self.saving: Optional[Beside] = None
+        self.said_saves_inline = False
         self.stop = StopRequest()  # last: train() gives the signals back from here on
 
     def seconds(self) -> float:
@@ -1535,6 +1696,121 @@ class Session:
         if now - self.rate_time >= 2.0:
             self.steps_per_s = (steps - self.rate_steps) / (now - self.rate_time)
             self.rate_time, self.rate_steps = now, steps
+
+
+# ---- Work beside training: what periodic work needs is taken at the step it is due (the weights, the curve's
+# points, the checkpoint's contents), and the slow part (playing, drawing, compressing, writing) goes on
+# elsewhere while training continues.
+class Beside(threading.Thread):
+    """`work()` on a thread of its own (for work that spends its time outside the GIL: compressing, hashing and
+    writing files); the loop collects its result, or the exception it raised."""
+
+    def __init__(self, work, name: str):
+        super().__init__(name=name, daemon=True)
+        self.work, self.result, self.error = work, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.work()
+        except BaseException as e:  # reported by the loop, on its own thread
+            self.error = e
+
+
+def serve(jobs, results, newest_only: bool) -> None:
+    """A helper process's loop: run each job `(function, arguments)` handed over and hand back `(True, result)`
+    or `(False, error)` (errors are printed instead where there is no `results`); with `newest_only`, only the
+    newest of the jobs waiting. It ends at None, or once the trainer is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer decides
+    parent = multiprocessing.parent_process()
+    while True:
+        try:
+            waiting = [jobs.get(timeout=1.0)]
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return
+            continue
+        while newest_only:
+            try:
+                waiting.append(jobs.get_nowait())
+            except queue.Empty:
+                break
+        if newest_only:
+            waiting = [job for job in waiting if job is not None][-1:] + [None] * (None in waiting)
+        for job in waiting:
+            if job is None:
+                return
+            work, args = job
+            try:
+                outcome = (True, work(*args))
+            except Exception as e:  # a full disk, a broken video encoder, ...: the trainer reports it and goes on
+                outcome = (False, f"{type(e).__name__}: {e}")
+                if results is None:
+                    print(f"warning: {work.__name__} failed ({outcome[1]})", file=sys.stderr, flush=True)
+            if results is not None:
+                results.put(outcome)
+
+
+class Helper:
+    """A process of its own that runs the jobs handed over while the loop goes on: for work that holds the GIL
+    (matplotlib) or needs cores and seconds of its own (evaluations). Spawned, not forked (a fork of a process
+    holding CUDA or threads is unsafe), at its first job; where it cannot start, `submit` says so and the
+    caller does the work itself."""
+
+    def __init__(self, name: str, newest_only: bool = False, results: bool = True):
+        self.name, self.newest_only, self.with_results = name, newest_only, results
+        self.process = self.jobs = self.results = None
+        self.failed = False
+
+    def submit(self, work, *args) -> bool:
+        if self.process is None and not self.failed:
+            try:
+                spawn = multiprocessing.get_context("spawn")
+                self.jobs = spawn.Queue()
+                self.results = spawn.Queue() if self.with_results else None
+                self.process = spawn.Process(target=serve, args=(self.jobs, self.results, self.newest_only),
+                                             name=self.name, daemon=True)
+                self.process.start()
+            except (OSError, RuntimeError) as e:
+                tqdm.write(f"note: no process could start for the {self.name} ({e}); the training loop does it")
+                self.process, self.failed = None, True
+        if self.process is None:
+            return False
+        self.jobs.put((work, args))
+        return True
+
+    def poll(self, wait: bool = False):
+        """`(True, result)` or `(False, error)` of the oldest job done, or None if none is done yet (with `wait`,
+        wait for it; None if the process has died)."""
+        while True:
+            try:
+                return self.results.get(timeout=1.0) if wait else self.results.get_nowait()
+            except queue.Empty:
+                if not wait or not self.process.is_alive():
+                    return None
+
+    def close(self, timeout: float) -> None:
+        """Let the jobs handed over finish, for at most `timeout` seconds; then end the process."""
+        if self.process is None:
+            return
+        if self.process.is_alive():
+            self.jobs.put(None)
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.process = None
+
+
+def frozen(value):
+    """`value` (tensors, and dicts and lists of them) copied to the CPU, so that training's next steps cannot
+    change it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: frozen(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(frozen(v) for v in value)
+    return value
 
 
 # ---- The training loop, step by step: act, step the games, store transitions, learn, record, periodic work.
@@ -1631,64 +1907,158 @@ def record(run: Run, session: Session, outcome: Outcome) -> None:
         tracking.game_score[i], tracking.lives_lost[i] = 0, 0
     session.bar.update(session.progress(counters) - session.bar.n)
     if outcome.done.any():
-        recent = [row[2] for row in run.history.games[-100:]]
-        session.bar.set_postfix(score=f"{np.mean(recent):.1f}" if recent else "-",
+        recent = run.history.games.array[-100:, 2]
+        session.bar.set_postfix(score=f"{np.mean(recent):.1f}" if len(recent) else "-",
                                 eps=f"{epsilon(counters.steps, session.args):.3f}",
                                 sps=f"{session.steps_per_s:.0f}", refresh=False)
 
 
 def periodic_work(run: Run, session: Session) -> None:
-    """Snapshots, the curve, evaluations and full checkpoints, each when it is due."""
+    """Snapshots, the curve, evaluations and full checkpoints, each when it is due; the last three hand their
+    slow part to work beside training."""
     counters, run_dir = run.counters, session.run_dir
     for episode in run.snapshots.passed(counters.episodes):
         save_snapshot(run.target_net, run_dir / f"{episode}.pth")
     if run.curve.passed(counters.episodes):
         run.history.lives.append([counters.steps, counters.episodes, counters.life_sum / max(1, counters.life_count)])
         counters.life_sum, counters.life_count = 0.0, 0
-        plot_curve(run_dir / "curve.png", run.history, session.args.env)
+        draw_curve_beside(run, session)
+    if run.evaluating.step is not None:
+        collect_evaluation(run, session)
     if run.evaluations.passed(counters.steps):
-        evaluate_policy(run, session)
+        start_evaluation(run, session)
     if session.checkpoints.passed(session.seconds()):
         save_full_checkpoint(run, session)
 
 
-def evaluate_policy(run: Run, session: Session) -> None:
-    """Play --eval-games games and log them; keep the best policy as best.pth; announce the first cleared wall."""
-    args, counters, log = session.args, run.counters, session.log
+def draw_curve_beside(run: Run, session: Session) -> None:
+    """Hand curve.png's points to the curve's process (or draw them here if it could not start)."""
+    path, data = session.run_dir / "curve.png", curve_data(run.history)
+    if not session.curves.submit(draw_curve, path, data, session.args.env):
+        draw_curve(path, data, session.args.env)
+
+
+def start_evaluation(run: Run, session: Session) -> None:
+    """The policy's weights as they are at this step, to be played by --eval-games games. When the previous
+    evaluation is still playing beside training, this one is skipped: waiting for it would stop training, the
+    thing evaluations beside training are for, and the next due point comes soon enough."""
+    counters = run.counters
+    if run.evaluating.step is not None:
+        tqdm.write(f"note: the evaluation due at step {counters.steps} is skipped: the one of step "
+                   f"{run.evaluating.step} is still playing")
+        return
     counters.evals += 1
-    video = str(session.run_dir / "videos" / f"eval-{counters.steps:012d}.mp4") if args.capture_video else None
-    result = evaluate(run.policy_net, args.env, args.eval_games, args.eval_eps, args.frames, session.device,
-                      args.seed + 7919 * counters.evals, video)
-    seconds = session.elapsed()
-    run.history.evals.append([counters.steps, seconds, result["mean"], result["max"], result["cleared"]])
-    log.row(kind="eval", step=counters.steps, seconds=seconds, episode=counters.episodes, score=result["mean"],
+    run.evaluating = PendingEvaluation(counters.steps, counters.episodes, session.elapsed(), counters.evals)
+    if not session.eval_beside:
+        record_evaluation(run, session, evaluate(run.policy_net, *evaluation_settings(run, session)),
+                          run.policy_net)
+        return
+    run.evaluating.weights = frozen(run.policy_net.state_dict())
+    play_evaluation(run, session)
+
+
+def evaluation_settings(run: Run, session: Session) -> tuple:
+    """evaluate()'s arguments after the network, for the evaluation `run.evaluating` holds."""
+    args, number, step = session.args, run.evaluating.number, run.evaluating.step
+    video = str(session.run_dir / "videos" / f"eval-{step:012d}.mp4") if args.capture_video else None
+    return args.env, args.eval_games, args.eval_eps, args.frames, session.device, args.seed + 7919 * number, video
+
+
+def evaluate_weights(weights: dict, env_id: str, games: int, eps: float, depth: int, device: torch.device,
+                     seed: int, video: Optional[str], threads: Optional[int] = None) -> dict:
+    """evaluate() of the network `weights` hold. In the evaluations' process (`threads` given): `threads`
+    threads step the games, not pinned to the cores training's games are pinned to, and one thread runs torch,
+    as in training's acting."""
+    if threads is not None:
+        torch.set_num_threads(1)
+    policy = DuelingNetwork(weights["conv1.weight"].shape[1], weights["act_fc2.weight"].shape[0])
+    policy.load_state_dict(weights)
+    policy = policy.to(device, memory_format=torch.channels_last)
+    return evaluate(policy, env_id, games, eps, depth, device, seed, video, threads)
+
+
+def play_evaluation(run: Run, session: Session) -> None:
+    """Hand the evaluation `run.evaluating` holds to the evaluations' process; where that cannot start (or with
+    evaluations in the loop, for one that a checkpoint held), play it here and now."""
+    settings, weights = evaluation_settings(run, session), run.evaluating.weights
+    threads = max(2, (os.cpu_count() or 1) // EVAL_BESIDE_CORES)
+    if not (session.eval_beside and session.evaluations.submit(evaluate_weights, weights, *settings, threads)):
+        record_evaluation(run, session, evaluate_weights(weights, *settings), weights)
+
+
+def collect_evaluation(run: Run, session: Session, wait: bool = False) -> None:
+    """The result of the evaluation playing beside training, if it is done (with `wait`, once it is done)."""
+    outcome = session.evaluations.poll(wait)
+    if outcome is None and not wait:
+        return
+    ok, result = outcome or (False, "its process ended")
+    if ok:
+        record_evaluation(run, session, result, run.evaluating.weights)
+    else:
+        tqdm.write(f"warning: the evaluation of step {run.evaluating.step} failed ({result}); training goes on")
+        run.evaluating = PendingEvaluation()
+
+
+def record_evaluation(run: Run, session: Session, result: dict, policy: nn.Module | dict) -> None:
+    """Log an evaluation against the step its weights were taken at; keep the best policy as best.pth; announce
+    the first cleared wall."""
+    args, counters, log = session.args, run.counters, session.log
+    step, seconds = run.evaluating.step, run.evaluating.seconds
+    run.history.evals.append([step, seconds, result["mean"], result["max"], result["cleared"]])
+    log.row(kind="eval", step=step, seconds=seconds, episode=run.evaluating.episode, score=result["mean"],
             epsilon=args.eval_eps)
     if log.tb is not None:
-        log.tb.add_scalar("eval/max", result["max"], counters.steps)
-        log.tb.add_scalar("eval/games_clearing_the_wall", result["cleared"], counters.steps)
-    message = (f"evaluation at step {counters.steps}: mean {result['mean']:.1f}, max {result['max']:.0f}, "
+        log.tb.add_scalar("eval/max", result["max"], step)
+        log.tb.add_scalar("eval/games_clearing_the_wall", result["cleared"], step)
+    message = (f"evaluation at step {step}: mean {result['mean']:.1f}, max {result['max']:.0f}, "
                f"{result['cleared']}/{args.eval_games} cleared the wall")
     if counters.best_eval is None or result["mean"] > counters.best_eval:
         counters.best_eval = result["mean"]
-        save_snapshot(run.policy_net, session.run_dir / "best.pth")
+        save_snapshot(policy, session.run_dir / "best.pth")
         message += "; best so far, saved best.pth"
     tqdm.write(message)
     if result["cleared"] and counters.first_clear is None:
-        counters.first_clear = [counters.steps, seconds]
-        tqdm.write(f"WALL CLEARED for the first time: agent step {counters.steps}, {seconds / 60:.1f} minutes "
-                   "into the run")
+        counters.first_clear = [step, seconds]
+        tqdm.write(f"WALL CLEARED for the first time: agent step {step}, {seconds / 60:.1f} minutes into the run")
         if log.tb is not None:
-            log.tb.add_scalar("eval/first_wall_clear_minutes", seconds / 60, counters.steps)
+            log.tb.add_scalar("eval/first_wall_clear_minutes", seconds / 60, step)
+    run.evaluating = PendingEvaluation()
 
 
-def save_full_checkpoint(run: Run, session: Session) -> None:
-    """resume/<step>/ from the run's state; a failed save keeps the previous checkpoint and training goes on."""
+def save_full_checkpoint(run: Run, session: Session, beside: bool = True) -> None:
+    """resume/<step>/ from the run's state at this step, written beside training: what training changes in place
+    is copied now (not the replay frames, which a RingSnapshot keeps), the rest goes on on a thread. One save
+    at a time: a save still being written is waited for first. Where the copies would not fit in the available
+    RAM, the checkpoint is written while training waits. A failed save keeps the previous checkpoint and
+    training goes on."""
+    wait_for_save(session)
     started = time.time()
     run.counters.seconds = session.elapsed()
-    root = session.run_dir / "resume"
+    root, name = session.run_dir / "resume", f"{run.counters.steps:012d}"
+    tensors, arrays, values = checkpoint_files(run)
+    if beside:
+        changing = {k: a for k, a in arrays.items() if isinstance(a, np.ndarray) and a.flags.writeable}
+        needed = sum(a.nbytes for a in changing.values())
+        beside = needed < 0.5 * psutil.virtual_memory().available
+        if not beside and not session.said_saves_inline:
+            session.said_saves_inline = True
+            tqdm.write(f"note: a copy of the run's state ({needed / 2**30:.1f} GiB) does not fit in the available "
+                       "RAM, so checkpoints are written while training waits")
+    if beside:
+        tensors, values = frozen(tensors), json.loads(json.dumps(values))
+        arrays = {**arrays, **{k: a.copy() for k, a in changing.items()}}
+    write = lambda: write_full_checkpoint(root, name, tensors, arrays, values, session.args.keep_checkpoints, started)
+    if beside:
+        session.saving = Beside(write, "checkpoint")
+        session.saving.start()
+    else:
+        write()
+
+
+def write_full_checkpoint(root: Path, name: str, tensors: dict, arrays: dict, values: dict, keep: int,
+                          started: float) -> None:
     try:
-        folder = save_checkpoint(root, f"{run.counters.steps:012d}", *checkpoint_files(run),
-                                 keep=session.args.keep_checkpoints)
+        folder = save_checkpoint(root, name, tensors, arrays, values, keep=keep)
     except OSError as e:
         earlier = bool(checkpoint_folders(root))
         tqdm.write(f"warning: could not write a checkpoint ({e.strerror or e}); " +
@@ -1699,14 +2069,32 @@ def save_full_checkpoint(run: Run, session: Session) -> None:
     tqdm.write(f"checkpoint: {folder} ({size / 1e6:.1f} MB in {time.time() - started:.1f} s)")
 
 
+def wait_for_save(session: Session) -> None:
+    """Wait for the checkpoint being written beside training, if any."""
+    saving, session.saving = session.saving, None
+    if saving is not None:
+        saving.join()
+        if saving.error is not None:
+            tqdm.write(f"warning: could not write a checkpoint ({type(saving.error).__name__}: {saving.error})")
+
+
 def finish(run: Run, session: Session) -> None:
-    """The last snapshot and curve when the budget is spent, a full checkpoint, and how to go on."""
+    """The last evaluation's result, snapshot and curve when the budget is spent, a full checkpoint (holding an
+    evaluation still playing when the run was stopped, to be played again on resume), and how to go on."""
     session.bar.close()
     counters, run_dir = run.counters, session.run_dir
-    if not session.budget_left(counters):
+    spent = not session.budget_left(counters)
+    if run.evaluating.step is not None:  # the run's last result is waited for; a stopped run saves it to replay
+        collect_evaluation(run, session, wait=spent)
+    if run.evaluating.step is not None:
+        print(f"the evaluation of step {run.evaluating.step} was still playing: the checkpoint keeps it, and the "
+              "resumed run plays it again", flush=True)
+    session.evaluations.close(timeout=5 if spent else 0)
+    if spent:
         save_snapshot(run.target_net, run_dir / f"{counters.episodes}.pth")
-        plot_curve(run_dir / "curve.png", run.history, session.args.env)
-    save_full_checkpoint(run, session)
+        draw_curve_beside(run, session)
+    save_full_checkpoint(run, session, beside=False)
+    session.curves.close(timeout=120)
     session.log.close()
     run.games.close()
     if session.stop.signal is not None:
@@ -1740,6 +2128,10 @@ def train(args: Args, given: set) -> dict:
     del checkpoint  # an older one maps its .npy files: Windows could not delete its folder when it rotates out
     session = Session(args, run_dir, device, run, resumed)
     try:
+        if run.evaluating.step is not None:  # it was playing beside training when the checkpoint was taken
+            tqdm.write(f"playing again the evaluation of step {run.evaluating.step}, which was playing when the "
+                       "checkpoint was taken")
+            play_evaluation(run, session)
         while session.budget_left(run.counters) and session.stop.signal is None:
             actions = act(run, session)
             run.games.send(actions)
@@ -1754,7 +2146,10 @@ def train(args: Args, given: set) -> dict:
         summary = dict(dataclasses.asdict(run.counters), session_seconds=session.seconds(),
                        replay_bytes=replay_bytes, run_dir=str(run_dir))
         finish(run, session)
-    finally:
+    finally:  # also after a second Ctrl-C: the checkpoint being written is finished, the curve process ended
+        wait_for_save(session)
+        session.curves.close(timeout=5)
+        session.evaluations.close(timeout=0)
         session.stop.restore()
     return summary
 

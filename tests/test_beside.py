@@ -1,0 +1,119 @@
+"""Periodic work beside training: evaluations on their own thread, curve.png drawn by another process,
+full checkpoints written while training goes on."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_breakout as tb  # noqa: E402
+
+
+def rows(run: Path, kind: str) -> list:
+    with open(run / "metrics.csv", newline="") as f:
+        return [(r["step"], r["episode"], r["score"], r["loss"]) for r in csv.DictReader(f) if r["kind"] == kind]
+
+
+def test_evaluations_beside_training_score_as_inline_ones_and_the_curve_is_drawn_elsewhere(tmp_path, in_process,
+                                                                                          capsys, monkeypatch):
+    runs = {}
+    for beside in ("off", "on"):
+        if beside == "on":  # drawn in this process, the curve would raise here
+            import matplotlib.figure
+            monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                                lambda *a, **kw: (_ for _ in ()).throw(AssertionError("drawn in the training process")))
+        runs[beside] = run = tmp_path / beside
+        tb.train(*tb.parse_args(["--checkpoints", str(run), "--eval-beside", beside, "--envs", "2", "--steps", "2000",
+                                 "--memory", "400", "--batch-size", "16", "--learn-start", "100", "--eval-every", "1000",
+                                 "--eval-games", "2", "--plot-every", "10", "--seed", "4", "--device", "cpu",
+                                 "--threads", "1"]))
+        out = capsys.readouterr().out
+        assert f"evaluations play {'beside training' if beside == 'on' else 'in the training loop'}" in out
+        assert "skipped" not in out
+    on, off = runs["on"], runs["off"]
+    assert [r[0] for r in rows(on, "eval")] == ["1000", "2000"]
+    assert rows(on, "eval") == rows(off, "eval")  # the same weights, step, episode and score
+    assert rows(on, "game") == rows(off, "game")  # and training did not notice
+    assert (on / "best.pth").read_bytes() == (off / "best.pth").read_bytes()
+    assert (on / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigterm_while_a_checkpoint_is_written_beside_training_keeps_it_whole_and_exact(tmp_path, in_process,
+                                                                                         monkeypatch, capsys):
+    """The first checkpoint written beside training gets SIGTERM in the middle of its writing: the run waits for
+    it, saves once more and stops; resuming from that first checkpoint ends exactly where the stopped run did."""
+    save = tb.save_checkpoint
+    stopped_during = []
+
+    def slow_save(*a, **kw):
+        if threading.current_thread() is not threading.main_thread() and not stopped_during:
+            stopped_during.append(a[1])
+            threading.Event().wait(0.5)  # training goes on meanwhile
+            os.kill(os.getpid(), signal.SIGTERM)
+            threading.Event().wait(1.0)  # the loop sees the stop while this save is still being written
+        return save(*a, **kw)
+
+    monkeypatch.setattr(tb, "save_checkpoint", slow_save)
+    run = tmp_path / "run"
+    flags = ["--checkpoints", str(run), "--envs", "1", "--memory", "300", "--batch-size", "16", "--learn-start", "100",
+             "--eval-every", "0", "--seed", "9", "--device", "cpu", "--threads", "1"]
+    tb.train(*tb.parse_args(flags + ["--steps", "100000", "--checkpoint-minutes", "0.01"]))
+    out = capsys.readouterr().out
+    assert "stopped by SIGTERM" in out and len(stopped_during) == 1
+    first, last = (run / "resume" / name for name in (stopped_during[0], sorted(os.listdir(run / "resume"))[-1]))
+    assert int(first.name) < int(last.name)
+    for folder in (first, last):
+        tb.load_checkpoint(folder)  # whole: every file matches its manifest
+
+    # Resumed from the checkpoint that was being written when the signal came, the run ends bit for bit where
+    # the stopped run ended: the state copied at the step is the state written.
+    ta, xa, va = tb.load_checkpoint(last)
+    xa = {name: np.asarray(x) for name, x in xa.items()}
+    monkeypatch.setattr(tb, "save_checkpoint", save)
+    tb.train(*tb.parse_args(["--resume", str(first), "--steps", last.name]))
+    tb_, xb, vb = tb.load_checkpoint(last)
+    for net in ("policy_net", "target_net"):
+        assert all(torch.equal(ta[net][k], tb_[net][k]) for k in ta[net]), net
+    assert sorted(xa) == sorted(xb)
+    for name in xa:
+        x, y = xa[name], np.asarray(xb[name])
+        if name == "history.games":
+            x, y = x[:, [0, 2]], y[:, [0, 2]]  # column 1 is wall-clock seconds
+        assert np.array_equal(x, y), name
+    va["counters"].pop("seconds"), vb["counters"].pop("seconds")
+    assert va == vb
+
+
+def test_the_curve_of_a_long_run_is_thinned_to_a_fixed_number_of_points(tmp_path):
+    history, rng = tb.History(), np.random.default_rng(0)
+    n = 50_000
+    scores = rng.integers(0, 40, n).astype(float)
+    scores[31_234] = tb.WALL_CLEARED + 3
+    for i, score in enumerate(scores):
+        history.games.append([10 * i, i, score])
+        history.learning.append([10 * i, 1.0 + i % 2, 2.0])
+    data = tb.curve_data(history)
+    assert len(data["step"]) == tb.CURVE_POINTS and data["step"][-1] == 10 * (n - 1) and not data["each_game"]
+    assert data["mean"][-1] == pytest.approx(scores[-100:].mean())
+    assert data["best"][-1] == scores.max() and data["first_clear"] == 10 * 31_234
+    assert data["low"].min() == scores.min() and data["high"].max() == scores.max()
+    assert len(data["learning"]) == tb.CURVE_POINTS and np.allclose(data["learning"][1:, 1], 1.5, atol=0.05)
+    tb.draw_curve(tmp_path / "curve.png", data, "ALE/Breakout-v5")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    few = tb.History()
+    for i, score in enumerate(scores[:300]):
+        few.games.append([i, i, score])
+    data = tb.curve_data(few)
+    assert data["each_game"] and np.array_equal(data["high"], scores[:300])
+    means = [scores[max(0, i - 99):i + 1].mean() for i in range(300)]
+    assert np.allclose(data["mean"], means) and data["first_clear"] is None
