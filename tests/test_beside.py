@@ -117,3 +117,28 @@ def test_the_curve_of_a_long_run_is_thinned_to_a_fixed_number_of_points(tmp_path
     assert data["each_game"] and np.array_equal(data["high"], scores[:300])
     means = [scores[max(0, i - 99):i + 1].mean() for i in range(300)]
     assert np.allclose(data["mean"], means) and data["first_clear"] is None
+
+
+def test_a_checkpoint_written_beside_training_holds_the_frames_as_they_were_at_its_step(tmp_path):
+    """Training overwrites the replay ring while the checkpoint's writer reads it: slots overwritten before the
+    writer reads them still come out as they were when the checkpoint was taken."""
+    replay = tb.ReplayMemory(40, 2, 4, 1, torch.device("cpu"))
+    frame = lambda i: torch.full((2, tb.SIZE, tb.SIZE), i % 256, dtype=torch.uint8)
+    for i in range(replay.slots + 7):  # the ring has wrapped: slot 7 is the next to be overwritten
+        replay.add_frames(frame(i), torch.zeros(2, dtype=torch.bool))
+    at_step = replay.frames.clone()
+    snapshot = replay.state_dict()["frames"]
+    chunks = snapshot.chunks(5)
+    read = [next(chunks)]  # slots 0-4 read
+    for i in range(replay.slots + 7, replay.slots + 7 + 12):  # slots 7-18 overwritten, 7-9 in the next chunk
+        replay.add_frames(frame(i), torch.zeros(2, dtype=torch.bool))
+    read += list(chunks)
+    assert np.array_equal(np.concatenate(read), at_step.numpy())
+    assert not np.array_equal(replay.frames.numpy(), at_step.numpy())
+    replay.add_frames(frame(0), torch.zeros(2, dtype=torch.bool))
+    assert replay.snapshot is None  # read whole: training keeps nothing aside any more
+
+    saved = replay.state_dict()["frames"]  # and through the checkpoint file
+    at_step = replay.frames.clone()
+    tb.save_array(tmp_path / "frames.npy.zst", saved)
+    assert np.array_equal(np.asarray(tb.CompressedArray(tmp_path / "frames.npy.zst")), at_step.numpy())
