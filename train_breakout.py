@@ -7,8 +7,9 @@ memory, and a run that survives being stopped.
 
 The file reads top to bottom: arguments, environment, preprocessing, replay memory, transition rules,
 network, exploration, learning step, evaluation and logging, checkpoint files, the run's state (declared
-once in `Run`: full checkpoints save and restore its fields), and the training loop, a handful of named
-steps over that state. README.md explains the recipe.
+once in `Run`: full checkpoints save and restore its fields), work beside training (playing evaluations,
+drawing the curve, writing checkpoints), and the training loop, a handful of named steps over that state.
+README.md explains the recipe.
 """
 from __future__ import annotations
 

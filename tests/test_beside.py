@@ -33,8 +33,8 @@ def test_evaluations_beside_training_score_as_inline_ones_and_the_curve_is_drawn
                                 lambda *a, **kw: (_ for _ in ()).throw(AssertionError("drawn in the training process")))
         runs[beside] = run = tmp_path / beside
         tb.train(*tb.parse_args(["--checkpoints", str(run), "--eval-beside", beside, "--envs", "2", "--steps", "2000",
-                                 "--memory", "400", "--batch-size", "16", "--learn-start", "100", "--eval-every", "1000",
-                                 "--eval-games", "2", "--plot-every", "10", "--seed", "4", "--device", "cpu",
+                                 "--memory", "400", "--batch-size", "16", "--learn-start", "100", "--eval-every",
+                                 "1000", "--eval-games", "2", "--plot-every", "10", "--seed", "4", "--device", "cpu",
                                  "--threads", "1"]))
         out = capsys.readouterr().out
         assert f"evaluations play {'beside training' if beside == 'on' else 'in the training loop'}" in out
@@ -142,3 +142,29 @@ def test_a_checkpoint_written_beside_training_holds_the_frames_as_they_were_at_i
     at_step = replay.frames.clone()
     tb.save_array(tmp_path / "frames.npy.zst", saved)
     assert np.array_equal(np.asarray(tb.CompressedArray(tmp_path / "frames.npy.zst")), at_step.numpy())
+
+
+def test_an_evaluation_playing_when_the_run_stops_is_kept_by_the_checkpoint_and_played_on_resume(tmp_path, in_process,
+                                                                                                  monkeypatch, capsys):
+    flags = ["--envs", "1", "--memory", "300", "--batch-size", "16", "--learn-start", "100", "--eval-every", "500",
+             "--eval-games", "2", "--seed", "6", "--device", "cpu", "--threads", "1", "--steps", "700"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    tb.train(*tb.parse_args(flags + ["--checkpoints", str(straight), "--eval-beside", "off"]))
+
+    handed_over = tb.play_evaluation
+
+    def stop_right_after(run, session):  # SIGTERM as soon as the evaluation has been handed over
+        handed_over(run, session)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tb, "play_evaluation", stop_right_after)
+    tb.train(*tb.parse_args(flags + ["--checkpoints", str(stopped), "--eval-beside", "on"]))
+    out = capsys.readouterr().out
+    assert "the evaluation of step 500 was still playing" in out and "stopped by SIGTERM" in out
+    assert rows(stopped, "eval") == []
+    monkeypatch.setattr(tb, "play_evaluation", handed_over)
+    tb.train(*tb.parse_args(["--resume", "--checkpoints", str(stopped)]))
+    assert "playing again the evaluation of step 500" in capsys.readouterr().out
+    assert rows(stopped, "eval") == rows(straight, "eval") and len(rows(straight, "eval")) == 1
+    assert rows(stopped, "game") == rows(straight, "game")
+    assert (stopped / "best.pth").read_bytes() == (straight / "best.pth").read_bytes()
