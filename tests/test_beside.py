@@ -32,18 +32,19 @@ def test_evaluations_beside_training_score_as_inline_ones_and_the_curve_is_drawn
             monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
                                 lambda *a, **kw: (_ for _ in ()).throw(AssertionError("drawn in the training process")))
         runs[beside] = run = tmp_path / beside
-        tb.train(*tb.parse_args(["--checkpoints", str(run), "--eval-beside", beside, "--envs", "2", "--steps", "2000",
+        tb.train(*tb.parse_args(["--checkpoints", str(run), "--eval-beside", beside, "--envs", "2", "--steps", "1500",
                                  "--memory", "400", "--batch-size", "16", "--learn-start", "100", "--eval-every",
-                                 "1000", "--eval-games", "2", "--plot-every", "10", "--seed", "4", "--device", "cpu",
+                                 "750", "--eval-games", "2", "--plot-every", "10", "--seed", "4", "--device", "cpu",
                                  "--threads", "1"]))
         out = capsys.readouterr().out
         assert f"evaluations play {'beside training' if beside == 'on' else 'in the training loop'}" in out
-        assert "skipped" not in out
     on, off = runs["on"], runs["off"]
-    assert [r[0] for r in rows(on, "eval")] == ["1000", "2000"]
-    assert rows(on, "eval") == rows(off, "eval")  # the same weights, step, episode and score
+    assert [r[0] for r in rows(off, "eval")] == ["750", "1500"]
+    # The one at 1500 is skipped if the one at 750 (its process starting up, here) still plays by then.
+    assert rows(on, "eval") in (rows(off, "eval"), rows(off, "eval")[:1])  # same weights, step, episode, score
     assert rows(on, "game") == rows(off, "game")  # and training did not notice
-    assert (on / "best.pth").read_bytes() == (off / "best.pth").read_bytes()
+    if len(rows(on, "eval")) == 2:
+        assert (on / "best.pth").read_bytes() == (off / "best.pth").read_bytes()
     assert (on / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
