@@ -1709,12 +1709,16 @@ class Beside(threading.Thread):
     def __init__(self, work, name: str):
         super().__init__(name=name, daemon=True)
         self.work, self.result, self.error = work, None, None
+        # Waited for instead of join(): a join cut short by Ctrl-C marks the thread as ended (CPython 3.11).
+        self.finished = threading.Event()
 
     def run(self) -> None:
         try:
             self.result = self.work()
         except BaseException as e:  # reported by the loop, on its own thread
             self.error = e
+        finally:
+            self.finished.set()
 
 
 def serve(jobs, results, newest_only: bool) -> None:
@@ -2071,10 +2075,12 @@ def write_full_checkpoint(root: Path, name: str, tensors: dict, arrays: dict, va
 
 
 def wait_for_save(session: Session) -> None:
-    """Wait for the checkpoint being written beside training, if any."""
-    saving, session.saving = session.saving, None
+    """Wait for the checkpoint being written beside training, if any (a wait cut short by a second Ctrl-C
+    leaves it there, for train()'s last wait)."""
+    saving = session.saving
     if saving is not None:
-        saving.join()
+        saving.finished.wait()
+        session.saving = None
         if saving.error is not None:
             tqdm.write(f"warning: could not write a checkpoint ({type(saving.error).__name__}: {saving.error})")
 

@@ -169,3 +169,24 @@ def test_an_evaluation_playing_when_the_run_stops_is_kept_by_the_checkpoint_and_
     assert rows(stopped, "eval") == rows(straight, "eval") and len(rows(straight, "eval")) == 1
     assert rows(stopped, "game") == rows(straight, "game")
     assert (stopped / "best.pth").read_bytes() == (straight / "best.pth").read_bytes()
+
+
+def test_a_second_stop_still_lets_the_checkpoint_being_written_finish(tmp_path, in_process, monkeypatch):
+    save, written = tb.save_checkpoint, []
+
+    def slow_save(*a, **kw):
+        if threading.current_thread() is not threading.main_thread() and not written:
+            for _ in range(2):  # a stop, then a second one while this save is still being written
+                os.kill(os.getpid(), signal.SIGTERM)
+                threading.Event().wait(0.5)
+            written.append(save(*a, **kw))
+            return written[-1]
+        return save(*a, **kw)
+
+    monkeypatch.setattr(tb, "save_checkpoint", slow_save)
+    with pytest.raises(KeyboardInterrupt):
+        tb.train(*tb.parse_args(["--checkpoints", str(tmp_path / "run"), "--envs", "1", "--memory", "300",
+                                 "--learn-start", "100", "--batch-size", "16", "--eval-every", "0", "--seed", "2",
+                                 "--device", "cpu", "--threads", "1", "--steps", "100000",
+                                 "--checkpoint-minutes", "0.01"]))
+    assert written and tb.load_checkpoint(written[0])  # written whole before train() gave up
