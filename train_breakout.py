@@ -1936,10 +1936,10 @@ def periodic_work(run: Run, session: Session) -> None:
         save_full_checkpoint(run, session)
 
 
-def draw_curve_beside(run: Run, session: Session) -> None:
-    """Hand curve.png's points to the curve's process (or draw them here if it could not start)."""
+def draw_curve_beside(run: Run, session: Session, here: bool = False) -> None:
+    """Hand curve.png's points to the curve's process (or, `here` or if it could not start, draw them now)."""
     path, data = session.run_dir / "curve.png", curve_data(run.history)
-    if not session.curves.submit(draw_curve, path, data, session.args.env):
+    if here or not session.curves.submit(draw_curve, path, data, session.args.env):
         draw_curve(path, data, session.args.env)
 
 
@@ -2099,7 +2099,8 @@ def finish(run: Run, session: Session) -> None:
     session.evaluations.close(timeout=5 if spent else 0)
     if spent:
         save_snapshot(run.target_net, run_dir / f"{counters.episodes}.pth")
-        draw_curve_beside(run, session)
+        # Training is over: a process is started for this last curve only if one is running already.
+        draw_curve_beside(run, session, here=session.curves.process is None)
     save_full_checkpoint(run, session, beside=False)
     session.curves.close(timeout=120)
     session.log.close()
