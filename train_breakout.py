@@ -598,7 +598,6 @@ class RingSnapshot:
 
     def __init__(self, frames: torch.Tensor):
         self.frames, self.shape, self.dtype = frames, tuple(frames.shape), np.dtype(np.uint8)
-        self.nbytes = frames.numel()
         self.lock = threading.Lock()
         self.read_up_to = 0  # slots below this one have been read
         self.aside: dict = {}  # slot: its frames at the snapshot, for slots overwritten before they were read
@@ -620,8 +619,9 @@ class RingSnapshot:
         with self.lock:
             self.read_up_to, self.aside = len(self), {}
 
-    def chunks(self, rows: int):
-        """The frames in order, `rows` slots at a time, as NumPy arrays."""
+    def chunks(self, chunk_bytes: int = 16 << 20):
+        """The frames in order, about `chunk_bytes` at a time, as NumPy arrays."""
+        rows = max(1, chunk_bytes // max(1, self.frames[:1].numel()))
         for start in range(0, len(self), rows):
             with self.lock:
                 end = min(start + rows, len(self))
@@ -1002,9 +1002,6 @@ class Rows:
         self.data[self.n] = row
         self.n += 1
 
-    def __len__(self) -> int:
-        return self.n
-
     @property
     def array(self) -> np.ndarray:
         """The rows so far, (n, width); a view, so copy it before handing it to another thread."""
@@ -1037,9 +1034,10 @@ class History:
 CURVE_POINTS = 2_000  # the most points a line of curve.png gets: a redraw costs the same at any run length
 
 
-def bin_ends(n: int, points: int = CURVE_POINTS) -> np.ndarray:
-    """Indices of the last row of each of at most `points` runs of consecutive rows out of `n`."""
-    return np.unique(np.linspace(0, n - 1, min(n, points)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+def bins(n: int, points: int = CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """At most `points` runs of consecutive rows out of `n`: the indices of each one's first and last row."""
+    ends = np.unique(np.linspace(0, n - 1, min(n, points)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    return np.concatenate([[0], ends[:-1] + 1]).astype(np.int64), ends
 
 
 def thinned(rows: np.ndarray, points: int = CURVE_POINTS) -> np.ndarray:
@@ -1047,8 +1045,7 @@ def thinned(rows: np.ndarray, points: int = CURVE_POINTS) -> np.ndarray:
     last one."""
     if len(rows) <= points:
         return rows.copy()
-    ends = bin_ends(len(rows), points)
-    starts = np.concatenate([[0], ends[:-1] + 1])
+    starts, ends = bins(len(rows), points)
     return np.column_stack([rows[ends, 0], np.add.reduceat(rows[:, 1:], starts) / (ends - starts + 1)[:, None]])
 
 
@@ -1060,13 +1057,11 @@ def curve_data(history: History, window: int = 100) -> dict:
     training loop."""
     games = history.games.array
     data = {name: thinned(getattr(history, name).array) for name in ("lives", "evals", "learning")}
-    ends = bin_ends(len(games))
     if len(games):
-        scores = games[:, 2]
+        scores, (starts, ends) = games[:, 2], bins(len(games))
         last = ends[:, None] - np.arange(window)[None, :]  # the `window` games up to each point
         inside = last >= 0
         mean = np.where(inside, scores[np.maximum(last, 0)], 0).sum(1) / inside.sum(1)
-        starts = np.concatenate([[0], ends[:-1] + 1])
         low, high = np.minimum.reduceat(scores, starts), np.maximum.reduceat(scores, starts)
         best = np.maximum.accumulate(high)
         cleared = np.flatnonzero(high >= WALL_CLEARED)
@@ -1182,7 +1177,7 @@ def save_array(path: Path, array: np.ndarray | RingSnapshot) -> None:
             return
         header = dict(descr=np.lib.format.dtype_to_descr(array.dtype), fortran_order=False, shape=array.shape)
         np.lib.format.write_array_header_1_0(out, header)
-        for chunk in array.chunks(max(1, (16 << 20) // max(1, array.nbytes // max(1, len(array))))):
+        for chunk in array.chunks():
             out.write(chunk.data)
 
 
@@ -1704,17 +1699,17 @@ class Session:
 # elsewhere while training continues.
 class Beside(threading.Thread):
     """`work()` on a thread of its own (for work that spends its time outside the GIL: compressing, hashing and
-    writing files); the loop collects its result, or the exception it raised."""
+    writing files); the loop waits for it with `finished` and reports the exception it raised."""
 
     def __init__(self, work, name: str):
         super().__init__(name=name, daemon=True)
-        self.work, self.result, self.error = work, None, None
+        self.work, self.error = work, None
         # Waited for instead of join(): a join cut short by Ctrl-C marks the thread as ended (CPython 3.11).
         self.finished = threading.Event()
 
     def run(self) -> None:
         try:
-            self.result = self.work()
+            self.work()
         except BaseException as e:  # reported by the loop, on its own thread
             self.error = e
         finally:
@@ -1734,12 +1729,12 @@ def serve(jobs, results, newest_only: bool) -> None:
             if parent is not None and not parent.is_alive():
                 return
             continue
-        while newest_only:
-            try:
-                waiting.append(jobs.get_nowait())
-            except queue.Empty:
-                break
-        if newest_only:
+        if newest_only:  # the newest job waiting, then the end if it was asked for
+            while True:
+                try:
+                    waiting.append(jobs.get_nowait())
+                except queue.Empty:
+                    break
             waiting = [job for job in waiting if job is not None][-1:] + [None] * (None in waiting)
         for job in waiting:
             if job is None:
@@ -1953,12 +1948,8 @@ def start_evaluation(run: Run, session: Session) -> None:
                    f"{run.evaluating.step} is still playing")
         return
     counters.evals += 1
-    run.evaluating = PendingEvaluation(counters.steps, counters.episodes, session.elapsed(), counters.evals)
-    if not session.eval_beside:
-        record_evaluation(run, session, evaluate(run.policy_net, *evaluation_settings(run, session)),
-                          run.policy_net)
-        return
-    run.evaluating.weights = frozen(run.policy_net.state_dict())
+    run.evaluating = PendingEvaluation(counters.steps, counters.episodes, session.elapsed(), counters.evals,
+                                       frozen(run.policy_net.state_dict()))
     play_evaluation(run, session)
 
 
@@ -1976,19 +1967,20 @@ def evaluate_weights(weights: dict, env_id: str, games: int, eps: float, depth: 
     as in training's acting."""
     if threads is not None:
         torch.set_num_threads(1)
-    policy = DuelingNetwork(weights["conv1.weight"].shape[1], weights["act_fc2.weight"].shape[0])
+    with torch.device("meta"):  # no initial weights drawn: no draw from torch's generator, nothing to fill twice
+        policy = DuelingNetwork(weights["conv1.weight"].shape[1], weights["act_fc2.weight"].shape[0])
+    policy = policy.to_empty(device=device).to(memory_format=torch.channels_last)
     policy.load_state_dict(weights)
-    policy = policy.to(device, memory_format=torch.channels_last)
     return evaluate(policy, env_id, games, eps, depth, device, seed, video, threads)
 
 
 def play_evaluation(run: Run, session: Session) -> None:
-    """Hand the evaluation `run.evaluating` holds to the evaluations' process; where that cannot start (or with
-    evaluations in the loop, for one that a checkpoint held), play it here and now."""
+    """Hand the evaluation `run.evaluating` holds to the evaluations' process; with evaluations in the loop, or
+    where that process cannot start, play it here and now."""
     settings, weights = evaluation_settings(run, session), run.evaluating.weights
     threads = max(2, (os.cpu_count() or 1) // EVAL_BESIDE_CORES)
     if not (session.eval_beside and session.evaluations.submit(evaluate_weights, weights, *settings, threads)):
-        record_evaluation(run, session, evaluate_weights(weights, *settings), weights)
+        record_evaluation(run, session, evaluate_weights(weights, *settings))
 
 
 def collect_evaluation(run: Run, session: Session, wait: bool = False) -> None:
@@ -1998,14 +1990,14 @@ def collect_evaluation(run: Run, session: Session, wait: bool = False) -> None:
         return
     ok, result = outcome or (False, "its process ended")
     if ok:
-        record_evaluation(run, session, result, run.evaluating.weights)
+        record_evaluation(run, session, result)
     else:
         tqdm.write(f"warning: the evaluation of step {run.evaluating.step} failed ({result}); training goes on")
         run.evaluating = PendingEvaluation()
 
 
-def record_evaluation(run: Run, session: Session, result: dict, policy: nn.Module | dict) -> None:
-    """Log an evaluation against the step its weights were taken at; keep the best policy as best.pth; announce
+def record_evaluation(run: Run, session: Session, result: dict) -> None:
+    """Log an evaluation against the step its weights were taken at; keep the best weights as best.pth; announce
     the first cleared wall."""
     args, counters, log = session.args, run.counters, session.log
     step, seconds = run.evaluating.step, run.evaluating.seconds
@@ -2019,7 +2011,7 @@ def record_evaluation(run: Run, session: Session, result: dict, policy: nn.Modul
                f"{result['cleared']}/{args.eval_games} cleared the wall")
     if counters.best_eval is None or result["mean"] > counters.best_eval:
         counters.best_eval = result["mean"]
-        save_snapshot(policy, session.run_dir / "best.pth")
+        save_snapshot(run.evaluating.weights, session.run_dir / "best.pth")
         message += "; best so far, saved best.pth"
     tqdm.write(message)
     if result["cleared"] and counters.first_clear is None:
@@ -2041,23 +2033,23 @@ def save_full_checkpoint(run: Run, session: Session, beside: bool = True) -> Non
     run.counters.seconds = session.elapsed()
     root, name = session.run_dir / "resume", f"{run.counters.steps:012d}"
     tensors, arrays, values = checkpoint_files(run)
-    if beside:
-        changing = {k: a for k, a in arrays.items() if isinstance(a, np.ndarray) and a.flags.writeable}
-        needed = sum(a.nbytes for a in changing.values())
-        beside = needed < 0.5 * psutil.virtual_memory().available
-        if not beside and not session.said_saves_inline:
+    # Arrays training writes again; read-only ones (the history's rows so far) and the frames it does not.
+    changing = {k: a for k, a in arrays.items() if isinstance(a, np.ndarray) and a.flags.writeable}
+    needed = sum(a.nbytes for a in changing.values())
+    if beside and needed >= 0.5 * psutil.virtual_memory().available:
+        beside = False
+        if not session.said_saves_inline:
             session.said_saves_inline = True
             tqdm.write(f"note: a copy of the run's state ({needed / 2**30:.1f} GiB) does not fit in the available "
                        "RAM, so checkpoints are written while training waits")
-    if beside:
-        tensors, values = frozen(tensors), json.loads(json.dumps(values))
-        arrays = {**arrays, **{k: a.copy() for k, a in changing.items()}}
-    write = lambda: write_full_checkpoint(root, name, tensors, arrays, values, session.args.keep_checkpoints, started)
-    if beside:
-        session.saving = Beside(write, "checkpoint")
-        session.saving.start()
-    else:
-        write()
+    if not beside:
+        write_full_checkpoint(root, name, tensors, arrays, values, session.args.keep_checkpoints, started)
+        return
+    tensors, values = frozen(tensors), json.loads(json.dumps(values))
+    arrays = {**arrays, **{k: a.copy() for k, a in changing.items()}}
+    session.saving = Beside(lambda: write_full_checkpoint(root, name, tensors, arrays, values,
+                                                          session.args.keep_checkpoints, started), "checkpoint")
+    session.saving.start()
 
 
 def write_full_checkpoint(root: Path, name: str, tensors: dict, arrays: dict, values: dict, keep: int,
