@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 import torch
 
-from train_breakout import (WALL_CLEARED, FrameStack, HelpFormatter, OneGame, UserError, VideoWriter,
-                            choose_actions, draw_frame, fire_action, load_network, pick_device, preprocess_all,
-                            run_command)
+from plumbing import HelpFormatter, UserError, VideoWriter, draw_frame, pick_device, run_command
+from train_breakout import (WALL_CLEARED, DuelingNetwork, FrameStack, OneGame, choose_actions, fire_action,
+                            lives_starting, preprocess_all)
 
 DEFAULT_ENV = "ALE/Breakout-v5"
 REAL_SPEED = 60 / 4  # agent steps per second: ALE runs 60 frames/s and each step is 4 frames
@@ -71,6 +71,29 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         raise UserError(f"--fps must not be negative, got {args.fps}")
     args.checkpoint = str(snapshot_to_play(Path(args.checkpoint)))
     return args
+
+
+def load_network(path: str, device: torch.device) -> DuelingNetwork:
+    """A network from a .pth state_dict (ours or the tutorial's, saved on any device), with one-line errors."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{path} is a folder; pass one of its .pth snapshots (best.pth, <episode>.pth)")
+    if not p.is_file():
+        raise UserError(f"no such checkpoint file: {path}")
+    try:
+        state = torch.load(p, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many types for files that are not checkpoints
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "conv1.weight" not in state or "act_fc2.weight" not in state:
+        raise UserError(f"{path} does not hold a Dueling DQN state_dict (conv1 ... value_fc2)")
+    frames, n_actions = state["conv1.weight"].shape[1], state["act_fc2.weight"].shape[0]
+    net = DuelingNetwork(frames, n_actions).to(device)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"{path} holds a network of another architecture: {' '.join(first[1:2] or first)}") from None
+    return net.eval()
 
 
 def snapshot_to_play(path: Path) -> Path:
@@ -180,23 +203,18 @@ def play_game(policy: torch.nn.Module, game: OneGame, rgb: np.ndarray, lives: np
     stack = FrameStack(1, policy.conv1.in_channels, device)
     stack.push(agent_view(rgb), np.ones(1, bool))
     fire, n_actions = fire_action(game.actions), len(game.actions)
-    need_fire, score, steps = True, 0.0, 0
+    need_fire, score, steps = np.ones(1, bool), 0.0, 0
     while steps < args.max_steps:
         if window is not None:
             window.show(rgb[0], score)
         if video is not None:
             video.add(rgb[0], score)
-        actions = choose_actions(policy, stack, args.eps, n_actions, rng)
-        if need_fire and fire is not None:
-            actions[0] = fire  # serve the ball: a life starts only when FIRE is pressed
+        actions = choose_actions(policy, stack, args.eps, n_actions, rng, need_fire, fire)
         rgb, reward, terminated, truncated, new_lives = game.step(actions)
         score, steps = score + float(reward[0]), steps + 1
         if terminated[0] or truncated[0]:  # the game has already been reset: rgb is the next game's first frame
             return score, steps, True, rgb, new_lives
-        # Sticky actions swallow a FIRE when all 4 of its frames repeat the previous action (1 life in 256);
-        # a greedy agent that never presses FIRE itself would then wait for --max-steps. Press it again.
-        swallowed = need_fire and fire is not None and game.held != game.actions[fire]
-        need_fire, lives = bool(new_lives[0] < lives[0]) or swallowed, new_lives
+        need_fire, lives = lives_starting(game, fire, need_fire, np.zeros(1, bool), lives, new_lives), new_lives
         stack.push(agent_view(rgb), np.zeros(1, bool))
     return score, steps, False, *game.reset()
 

@@ -5,130 +5,106 @@ memory, and a run that survives being stopped.
     python train_breakout.py --episodes 600000 --memory 100000   # train (Ctrl-C saves; --resume goes on)
     python play.py checkpoints/600000.pth                         # watch the agent
 
-The file reads top to bottom: arguments, environment, preprocessing, replay memory, transition rules,
-network, exploration, learning step, evaluation and logging, checkpoint files, the run's state (declared
-once in `Run`: full checkpoints save and restore its fields), work beside training (playing evaluations,
-drawing the curve, writing checkpoints), and the training loop, a handful of named steps over that state.
-README.md explains the recipe.
+The file is the DQN, top to bottom: flags, the games, preprocessing and frame stacking, the replay memory,
+the two transition rules, the network, exploration, the learning step and target update, evaluation, the
+run's state (declared once in `Run`: a full checkpoint saves and restores its fields) and the training loop,
+a handful of named steps over that state. The run's plumbing (checkpoint files, the run's folder, helper
+processes, logs, the curve, videos) is in plumbing.py. README.md explains the recipe.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import csv
 import dataclasses
-import hashlib
-import json
 import math
-import multiprocessing
 import os
-import queue
-import random
-import shutil
-import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import cv2
 import numpy as np
-import psutil
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import zstandard
 from tqdm import tqdm
 
-
-class UserError(Exception):
-    """A problem with what the user asked for: reported as one line, exit status 2, no traceback."""
-
-
-class CannotRestore(Exception):
-    """Games that a checkpoint cannot bring back: they start afresh, and the message says why."""
+from plumbing import (NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, Helper, Progress, RingSnapshot, RunLog,
+                      GameVideos, Rows, Staging, StopRequest, UserError, check_bounds, check_memory_fits,
+                      curve_data, describe, draw_curve, find_run, flag, flag_parser, frozen, open_run_folder, pick_device,
+                      restore_state, run_command, save_snapshot)
 
 
-# ---- Arguments: every field is a flag; its help text and default appear in --help.
-def opt(default, help: str, bounds: Optional[str] = None, new_on_resume: bool = False, **argparse_kw):
-    """A flag: its default, its --help line, the interval its value must lie in (`bounds`, checked by
-    check_args), and whether --resume accepts a new value for it (`new_on_resume`: the flags that only say
-    where, how long or how visibly a run goes)."""
-    return field(default=default, metadata=dict(help=help, bounds=bounds, new_on_resume=new_on_resume,
-                                                argparse=argparse_kw))
-
-
-POSITIVE, NOT_NEGATIVE, UNIT = "(0, inf)", "[0, inf)", "[0, 1]"
+# ---- Arguments: every field is a flag; new_on_resume marks those that only say where, how long or how visibly.
 EVAL_BESIDE_CORES = 8  # --eval-beside auto: the cores from which an evaluation plays beside training
 
 
 @dataclass
 class Args:
     # How long, and where things go
-    episodes: int = opt(5_000_000, "lives to train for (the tutorial's episode ends when a life is lost)",
-                        POSITIVE, new_on_resume=True)
-    steps: Optional[int] = opt(None, "also stop after this many agent steps", POSITIVE, new_on_resume=True)
-    minutes: Optional[float] = opt(None, "also stop after this many minutes of training", POSITIVE, new_on_resume=True)
-    checkpoints: str = opt("checkpoints", "the run's folder: snapshots, config.json, metrics, full checkpoints",
-                           new_on_resume=True)
-    resume: Optional[str] = opt(None, "continue the run in --checkpoints, or from the checkpoint folder given",
-                                new_on_resume=True, nargs="?", const="latest", metavar="PATH")
-    auto_resume: bool = opt(False, "continue the run in --checkpoints if it has a checkpoint, else start it: one "
-                                   "command for every start of a Colab cell or a requeued cluster job",
+    episodes: int = flag(5_000_000, "lives to train for (the tutorial's episode ends when a life is lost)",
+                         POSITIVE, new_on_resume=True)
+    steps: Optional[int] = flag(None, "also stop after this many agent steps", POSITIVE, new_on_resume=True)
+    minutes: Optional[float] = flag(None, "also stop after this many minutes of training", POSITIVE, new_on_resume=True)
+    checkpoints: str = flag("checkpoints", "the run's folder: snapshots, config.json, metrics, full checkpoints",
                             new_on_resume=True)
-    keep_checkpoints: int = opt(2, "full checkpoints kept on disk, the newest", POSITIVE, new_on_resume=True)
-    checkpoint_minutes: float = opt(10.0, "minutes between full checkpoints (Ctrl-C and SIGTERM also save one)",
-                                    POSITIVE, new_on_resume=True)
-    save_every: int = opt(25_000, "save the target network as <episode>.pth every this many episodes",
-                          POSITIVE, new_on_resume=True)
-    plot_every: int = opt(2_500, "redraw curve.png every this many episodes", POSITIVE, new_on_resume=True)
-    eval_every: int = opt(500_000, "agent steps between evaluations (0: never)", NOT_NEGATIVE, new_on_resume=True)
-    eval_games: int = opt(10, "games per evaluation", POSITIVE, new_on_resume=True)
-    eval_eps: float = opt(0.01, "epsilon during evaluation", UNIT, new_on_resume=True)
-    eval_beside: str = opt("auto", "play evaluations in a process of their own while training goes on (auto: on "
-                                   f"with {EVAL_BESIDE_CORES} or more cores; with fewer they would only take the "
-                                   "emulator's cores)", new_on_resume=True, choices=["auto", "on", "off"])
-    capture_video: bool = opt(False, "save each evaluation's best game to videos/ as MP4", new_on_resume=True)
+    resume: Optional[str] = flag(None, "continue the run in --checkpoints, or from the checkpoint folder given",
+                                 new_on_resume=True, nargs="?", const="latest", metavar="PATH")
+    auto_resume: bool = flag(False, "continue the run in --checkpoints if it has a checkpoint, else start it: one "
+                                    "command for every start of a Colab cell or a requeued cluster job",
+                             new_on_resume=True)
+    keep_checkpoints: int = flag(2, "full checkpoints kept on disk, the newest", POSITIVE, new_on_resume=True)
+    checkpoint_minutes: float = flag(10.0, "minutes between full checkpoints (Ctrl-C and SIGTERM also save one)",
+                                     POSITIVE, new_on_resume=True)
+    save_every: int = flag(25_000, "save the target network as <episode>.pth every this many episodes",
+                           POSITIVE, new_on_resume=True)
+    plot_every: int = flag(2_500, "redraw curve.png every this many episodes", POSITIVE, new_on_resume=True)
+    eval_every: int = flag(500_000, "agent steps between evaluations (0: never)", NOT_NEGATIVE, new_on_resume=True)
+    eval_games: int = flag(10, "games per evaluation", POSITIVE, new_on_resume=True)
+    eval_eps: float = flag(0.01, "epsilon during evaluation", UNIT, new_on_resume=True)
+    eval_beside: str = flag("auto", "play evaluations in a process of their own while training goes on (auto: on "
+                                    f"with {EVAL_BESIDE_CORES} or more cores; with fewer they would only take the "
+                                    "emulator's cores)", new_on_resume=True, choices=["auto", "on", "off"])
+    capture_video: bool = flag(False, "save each evaluation's best game to videos/ as MP4", new_on_resume=True)
     # The machine
-    env: str = opt("ALE/Breakout-v5", "Gymnasium id of any ALE game")
-    envs: int = opt(min(max(16, os.cpu_count() or 1), 64), "games stepped together; 1 steps one gym.make environment",
-                    POSITIVE)
-    device: str = opt("auto", "where to learn and keep the replay memory", new_on_resume=True,
-                      choices=["auto", "cpu", "cuda", "mps"])
-    threads: int = opt(0, "CPU threads for torch (0: the number of cores)", NOT_NEGATIVE, new_on_resume=True)
-    compile: str = opt("auto", "compile the learning update and acting with torch.compile, replayed as CUDA graphs "
-                               "on CUDA (auto: on for CUDA)", new_on_resume=True, choices=["auto", "on", "off"])
-    overlap: str = opt("auto", "learn while the games step, acting on weights one step behind (auto: on for CUDA "
-                               "with --envs > 1; off: act, step, store, learn in turn)", new_on_resume=True,
-                       choices=["auto", "on", "off"])
-    seed: Optional[int] = opt(None, "random seed (default: drawn at random and written to config.json)")
+    env: str = flag("ALE/Breakout-v5", "Gymnasium id of any ALE game")
+    envs: int = flag(min(max(16, os.cpu_count() or 1), 64), "games stepped together; 1 steps one gym.make environment",
+                     POSITIVE)
+    device: str = flag("auto", "where to learn and keep the replay memory", new_on_resume=True,
+                       choices=["auto", "cpu", "cuda", "mps"])
+    threads: int = flag(0, "CPU threads for torch (0: the number of cores)", NOT_NEGATIVE, new_on_resume=True)
+    compile: str = flag("auto", "compile the learning update and acting with torch.compile, replayed as CUDA graphs "
+                                "on CUDA (auto: on for CUDA)", new_on_resume=True, choices=["auto", "on", "off"])
+    overlap: str = flag("auto", "learn while the games step, acting on weights one step behind (auto: on for CUDA "
+                                "with --envs > 1; off: act, step, store, learn in turn)", new_on_resume=True,
+                        choices=["auto", "on", "off"])
+    seed: Optional[int] = flag(None, "random seed (default: drawn at random and written to config.json)")
     # The recipe: the tutorial's values unless --recipe fast (see RECIPES); explicit flags override either
-    recipe: str = opt("tutorial", "starting values of the flags below", choices=["tutorial", "fast"])
-    memory: int = opt(100_000, "replay memory capacity in stored transitions", POSITIVE)
-    batch_size: int = opt(256, "transitions per gradient update", POSITIVE)
-    learn_start: Optional[int] = opt(None, "stored transitions before learning starts (default: --memory)",
-                                     NOT_NEGATIVE)
-    frames: int = opt(6, "frames per state", POSITIVE)
-    block: Optional[int] = opt(None, "agent steps behind one stored transition (default: --frames, the "
-                                     "tutorial's rule: its reward is the block's sum, its next state 1 step on)",
-                               POSITIVE)
-    n_step: int = opt(1, "n-step returns: next state n steps on, reward the discounted n-step sum (needs --block 1)",
-                      POSITIVE)
-    double: bool = opt(False, "Double DQN targets: the policy network picks the next action, the target rates it")
-    lr: float = opt(1e-4, "AdamW learning rate (amsgrad)", POSITIVE)
-    gamma: float = opt(0.99, "discount", "(0, 1]")
-    tau: float = opt(0.005, "soft target update: target = tau * policy + (1 - tau) * target", "(0, 1]")
-    eps_start: float = opt(1.0, "epsilon at step 0", UNIT)
-    eps_end: float = opt(0.01, "epsilon the schedule decays to", UNIT)
-    eps_decay: float = opt(25_000_000, "agent steps of the epsilon decay (the time constant when exponential)",
-                           POSITIVE)
-    eps_schedule: str = opt("exponential", "shape of the epsilon decay", choices=["exponential", "linear"])
-    update_every: int = opt(4, "stored transitions per gradient update", POSITIVE)
-    target_every: int = opt(400, "stored transitions per soft target update", POSITIVE)
-    no_random_erasing: bool = opt(False, "do not erase random patches of the brick rows in training")
-    no_reward_clipping: bool = opt(False, "learn from raw game rewards instead of rewards clipped to [-1, 1]")
+    recipe: str = flag("tutorial", "starting values of the flags below", choices=["tutorial", "fast"])
+    memory: int = flag(100_000, "replay memory capacity in stored transitions", POSITIVE)
+    batch_size: int = flag(256, "transitions per gradient update", POSITIVE)
+    learn_start: Optional[int] = flag(None, "stored transitions before learning starts (default: --memory)",
+                                      NOT_NEGATIVE)
+    frames: int = flag(6, "frames per state", POSITIVE)
+    block: Optional[int] = flag(None, "agent steps behind one stored transition (default: --frames, the "
+                                      "tutorial's rule: its reward is the block's sum, its next state 1 step on)",
+                                POSITIVE)
+    n_step: int = flag(1, "n-step returns: next state n steps on, reward the discounted n-step sum (needs --block 1)",
+                       POSITIVE)
+    double: bool = flag(False, "Double DQN targets: the policy network picks the next action, the target rates it")
+    lr: float = flag(1e-4, "AdamW learning rate (amsgrad)", POSITIVE)
+    gamma: float = flag(0.99, "discount", "(0, 1]")
+    tau: float = flag(0.005, "soft target update: target = tau * policy + (1 - tau) * target", "(0, 1]")
+    eps_start: float = flag(1.0, "epsilon at step 0", UNIT)
+    eps_end: float = flag(0.01, "epsilon the schedule decays to", UNIT)
+    eps_decay: float = flag(25_000_000, "agent steps of the epsilon decay (the time constant when exponential)",
+                            POSITIVE)
+    eps_schedule: str = flag("exponential", "shape of the epsilon decay", choices=["exponential", "linear"])
+    update_every: int = flag(4, "stored transitions per gradient update", POSITIVE)
+    target_every: int = flag(400, "stored transitions per soft target update", POSITIVE)
+    no_random_erasing: bool = flag(False, "do not erase random patches of the brick rows in training")
+    no_reward_clipping: bool = flag(False, "learn from raw game rewards instead of rewards clipped to [-1, 1]")
 
     # The defaults that depend on other flags.
     @property
@@ -149,70 +125,26 @@ RECIPES = {
 }
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless its help already explains it."""
-
-    def _get_help_string(self, action):
-        return action.help if "(default" in action.help else super()._get_help_string(action)
-
-
-def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    for f in dataclasses.fields(Args):
-        kw = dict(help=f.metadata["help"], **f.metadata["argparse"])
-        kw["default"] = argparse.SUPPRESS if suppress_defaults else f.default
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", **kw)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type.replace("Optional[", "").rstrip("]")]
-            parser.add_argument(flag, type=kind, **kw)
-    return parser
-
-
 def parse_args(argv=None) -> tuple[Args, set]:
     """The arguments (the recipe's values where no flag was given), and the names of the flags given."""
-    parsed = vars(build_parser().parse_args(argv))
-    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    parsed = vars(flag_parser(Args, __doc__).parse_args(argv))
+    given = set(vars(flag_parser(Args, __doc__, suppress_defaults=True).parse_args(argv)))
     parsed.update({k: v for k, v in RECIPES[parsed["recipe"]].items() if k not in given})
     return Args(**parsed), given
 
 
 def check_args(a: Args) -> None:
     """Refuse impossible values before anything is allocated: each flag against its bounds, then the pairs."""
-    for f in dataclasses.fields(Args):
-        value, bounds = getattr(a, f.name), f.metadata["bounds"]
-        if value is None or bounds is None:
-            continue
-        low, high = (float(x) for x in bounds[1:-1].split(","))
-        if not ((low <= value if bounds[0] == "[" else low < value)
-                and (value <= high if bounds[-1] == "]" else value < high)):
-            what = {POSITIVE: "must be positive", NOT_NEGATIVE: "must not be negative"}.get(bounds,
-                                                                                          f"must lie in {bounds}")
-            raise UserError(f"--{f.name.replace('_', '-')} {what}, got {value}")
+    check_bounds(a)
     if a.n_step > 1 and a.block != 1:
         raise UserError("--n-step above 1 needs --block 1 (one stored transition per agent step)")
     if a.memory < a.batch_size:
         raise UserError(f"--memory ({a.memory}) must be at least --batch-size ({a.batch_size})")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to PyTorch")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available on this machine")
-    return torch.device(name)
-
-
-# ---- Environment: N games of one ALE id, with the settings Gymnasium registers for that id (for
-# ALE/Breakout-v5: frameskip 4, sticky actions 0.25, minimal action set). Frames come back as RGB
-# (or, from the vector environment playing Breakout, as the emulator's greyscale);
-# a game that ends is reset in the same step, so the frame returned for it is the new game's first.
+# ---- Environment: N games of one ALE id, with the settings Gymnasium registers for it (ALE/Breakout-v5:
+# frameskip 4, sticky actions 0.25, minimal action set). A game that ends is reset in the same step, so the
+# frame returned for it is the new game's first.
 def ale_settings(env_id: str) -> dict:
     """The emulator settings Gymnasium registers for `env_id`; a clear error for anything else."""
     import ale_py
@@ -233,11 +165,9 @@ def ale_settings(env_id: str) -> dict:
 
 
 class VectorGames:
-    """N games stepped by ale-py's C++ thread pool (`AtariVectorEnv`), raw frames, no wrappers.
-
-    For Breakout the emulator returns its own greyscale frames, a third of the bytes of RGB and 10% faster
-    to step; `screen_lut` turns them into exactly the grey the tutorial's RGB path gives (see
-    BREAKOUT_GREY). Other games come back as RGB."""
+    """N games stepped by ale-py's C++ thread pool (`AtariVectorEnv`), raw frames, no wrappers. Breakout comes
+    back as the emulator's own greyscale (a third of RGB's bytes), which `screen_lut` turns into exactly the
+    tutorial's grey (see BREAKOUT_GREY); other games as RGB."""
 
     def __init__(self, env_id: str, n: int, seed: int, rgb: bool = False, threads: Optional[int] = None):
         import ale_py
@@ -269,6 +199,10 @@ class VectorGames:
         self.send(actions)
         return self.recv()
 
+    def fire_swallowed(self, fire: int) -> np.ndarray:
+        """ale-py's vector environment does not tell whether sticky actions swallowed a FIRE: never, here."""
+        return np.zeros(self.env.num_envs, bool)
+
     def state_dict(self) -> dict:
         return {}
 
@@ -280,16 +214,14 @@ class VectorGames:
 
 
 class OneGame:
-    """One game through `gym.make`, as the tutorial ran it, with the sticky actions drawn here.
-
-    Sticky actions: each emulator frame repeats the previous frame's action with probability 0.25 (the id's
-    setting). ALE draws them itself and keeps the held action outside its saved state, so a game restored
-    from a checkpoint would go on holding a different action. Drawing them here, exactly as ALE does (frame
-    by frame, the held action NOOP at the start of a game), lets `state_dict` hold everything, and a run with
-    --envs 1 resumes exactly. The sticky draws are then the only randomness in a game, so a new game needs
-    no reseeding of the emulator (which reloads the ROM, 0.1 s)."""
+    """One game through `gym.make`, as the tutorial ran it, with the sticky actions drawn here: each emulator frame
+    repeats the previous frame's action with probability 0.25. ALE keeps the held action outside its saved state,
+    so a restored game would hold another; drawn here as ALE draws them (frame by frame, NOOP held at the start of
+    a game), `state_dict` holds everything and a run with --envs 1 resumes exactly. They are then a game's only
+    randomness, so a new game needs no reseeding of the emulator (which reloads the ROM)."""
 
     screen_lut = None  # RGB frames
+    ARRAYS = ("emulator",)  # a checkpoint's arrays
 
     def __init__(self, env_id: str, seed: int):
         import ale_py
@@ -333,6 +265,10 @@ class OneGame:
         return (frame[None], np.array([reward], np.float32), np.array([terminated]), np.array([truncated]),
                 np.array([lives]))
 
+    def fire_swallowed(self, fire: int) -> np.ndarray:
+        """Whether the last step's action `fire` was swallowed: the emulator never applied it."""
+        return np.array([self.held != self.actions[fire]])
+
     def state_dict(self) -> dict:
         """The emulator's bytes, the game seeds, the sticky-action draws and the held action."""
         # ALE's own random state is left out: with the sticky draws made here it decides nothing.
@@ -342,9 +278,6 @@ class OneGame:
 
     def load_state_dict(self, state: dict) -> None:
         import ale_py
-        if "held" not in state:
-            raise CannotRestore("this checkpoint's game was saved by an older version, without its held sticky "
-                                "action")
         self.env.reset()  # Gymnasium refuses step() before a reset; the restore below overrides it
         self.ale.restoreState(ale_py.ALEState(np.asarray(state["emulator"]).tobytes()))
         self.seeds.bit_generator.state = state["seeds"]
@@ -356,8 +289,7 @@ class OneGame:
 
 
 def make_games(env_id: str, n: int, seed: int, rgb: bool = False, threads: Optional[int] = None):
-    """One gym.make game for n == 1, else ale-py's vector environment (RGB frames with `rgb`), stepped by
-    `threads` threads (default: one per core, pinned)."""
+    """One gym.make game for n == 1, else ale-py's vector environment (RGB with `rgb`), `threads` threads."""
     return OneGame(env_id, seed) if n == 1 else VectorGames(env_id, n, seed, rgb, threads)
 
 
@@ -389,8 +321,7 @@ def breakout_grey_lut() -> np.ndarray:
 
 def preprocess_all(screens: np.ndarray, erase_rng: Optional[np.random.Generator],
                    screen_lut: Optional[np.ndarray] = None) -> np.ndarray:
-    """A batch of screens to (N,84,84) uint8, erasing when a generator is given. Screens are RGB
-    (N,210,160,3), or the emulator's greyscale (N,210,160) mapped through `screen_lut`."""
+    """Screens (RGB, or greyscale through `screen_lut`) to (N,84,84) uint8, erased when `erase_rng` is given."""
     n = len(screens)
     if screen_lut is None:
         # COLOR_BGR2GRAY on an RGB frame swaps the red and blue weights; the tutorial did this, and its
@@ -412,37 +343,9 @@ def preprocess_all(screens: np.ndarray, erase_rng: Optional[np.random.Generator]
     return frames
 
 
-class Staging:
-    """Host arrays to the device without waiting for it. On CUDA each copy leaves from pinned memory and is
-    queued behind the GPU's work instead of waiting for it to drain; two buffers take turns, and one is
-    written again only once its previous copy is done. Elsewhere the array is used (CPU) or copied as it is."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.turn = device, 0
-        self.buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
-        self.copied = [None, None]  # per buffer, the CUDA event its last copy recorded
-
-    def __call__(self, array: np.ndarray) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return torch.from_numpy(array).to(self.device)
-        array = np.ascontiguousarray(array)
-        if self.copied[self.turn] is not None:
-            self.copied[self.turn].synchronize()
-        if self.buffers[self.turn].numel() < array.nbytes:
-            self.buffers[self.turn] = torch.empty(2 * array.nbytes, dtype=torch.uint8, pin_memory=True)
-        staged = self.buffers[self.turn][:array.nbytes]
-        staged.numpy()[...] = array.view(np.uint8).reshape(-1)
-        on_device = staged.to(self.device, non_blocking=True)
-        self.copied[self.turn] = torch.cuda.Event()
-        self.copied[self.turn].record()
-        self.turn ^= 1
-        return on_device.view(torch.from_numpy(array[:0]).dtype).view(array.shape)
-
-
 class FrameStack:
-    """What the agent sees of each game: its `depth` latest frames, newest first (channel 0). A new game
-    starts from zeros; a lost life does not clear the stack. Kept as a ring, so a push writes one frame
-    per game instead of moving the whole stack."""
+    """What the agent sees of each game: its `depth` latest frames, newest first (channel 0); zeros at a new game,
+    not cleared at a lost life. A ring, so a push writes one frame per game instead of moving the stack."""
 
     def __init__(self, n: int, depth: int, device: torch.device):
         self.ring = torch.zeros((n, depth, SIZE, SIZE), dtype=torch.uint8, device=device)
@@ -471,17 +374,22 @@ class FrameStack:
 
 
 # ---- Replay memory: every frame stored once as uint8 on the training device, transitions as indices.
-class ReplayMemory:
-    """FIFO of `capacity` transitions (state, action, block reward, next state or none).
+class Batch(NamedTuple):
+    """Transitions sampled for one update: (B, depth, 84, 84) uint8 stacks, actions, rewards, has_next."""
+    states: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_states: torch.Tensor
+    has_next: torch.Tensor
 
-    Frames live in a ring `frames[slot, game]`: each agent step writes one frame per game at the same
-    slot (the frame after the step, or the first frame of the next game when a game ended). A transition
-    is (game, slot of its state's newest frame, action, reward, has_next); its state is the `depth` frames
-    up to that slot and its next state the same up to slot + 1, zeros before the first frame of a game.
-    With n-step returns the next state is `n_step` slots on. A transition spans at most `block` agent steps,
-    so a ring of block * capacity / games slots (plus a margin) keeps every frame a stored transition still
-    needs: about `block` frames per transition.
-    """
+
+class ReplayMemory:
+    """FIFO of `capacity` transitions (state, action, block reward, next state or none). Frames live in a ring
+    `frames[slot, game]`: each agent step writes one frame per game at the same slot (the frame after the step,
+    or the next game's first). A transition is (game, slot of its state's newest frame, action, reward,
+    has_next); its state is the `depth` frames up to that slot, its next state the same `n_step` slots on, zeros
+    before a game's first frame. A transition spans at most `block` agent steps, so a ring of block * capacity /
+    games slots (plus a margin) keeps every frame a stored transition needs: about `block` per transition."""
 
     def __init__(self, capacity: int, games: int, depth: int, block: int, device: torch.device, n_step: int = 1):
         self.capacity, self.games, self.depth, self.n_step, self.device = capacity, games, depth, n_step, device
@@ -522,8 +430,8 @@ class ReplayMemory:
 
     def add(self, game: np.ndarray, slot: np.ndarray, action: np.ndarray, reward: np.ndarray,
             has_next: np.ndarray) -> None:
-        """Store transitions in the given order (oldest first). They travel to the device in one copy, as
-        int64 rows (the rewards' float32 bits among them)."""
+        """Store transitions, oldest first, in one copy to the device (int64 rows, the rewards' float32 bits among
+        them)."""
         rows = np.stack([game, slot, action, np.asarray(reward, np.float32).view(np.int32), has_next]).astype(np.int64)
         game, slot, action, reward_bits, has_next = self.staging(rows)
         at = (torch.arange(len(rows[0]), device=self.device) + self.stored) % self.capacity
@@ -547,40 +455,39 @@ class ReplayMemory:
         return frames.masked_fill_(older_than_start.view(*starts.shape, 1, 1), 0)
 
     def stacks(self, game: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) games and newest slots to the states and the next states `n_step` slots on: two (B, depth,
-        84, 84) uint8 stacks, zeros before a game's start. They share frames, so depth + n slots are
-        gathered once."""
+        """(B,) games and newest slots to the states and next states `n_step` slots on, (B, depth, 84, 84) uint8,
+        zeros before a game's start; their depth + n slots are gathered once."""
         n, d = self.n_step, self.depth
         frames, starts = self._window(game, slot + n, d + n)
         next_states = self._clear_before_game_start(frames[:, :d].clone(), starts[:, :d])
         states = self._clear_before_game_start(frames[:, n:], starts[:, n:])
         return states, next_states
 
-    def sample(self, batch_size: int, generator: torch.Generator):
-        """Uniform batch: states, actions, rewards, next states, has_next; all on the device."""
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """A uniform batch, on the device."""
         i = torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
         states, next_states = self.stacks(self.game[i], self.slot[i])
-        return states, self.action[i], self.reward[i], next_states, self.has_next[i]
+        return Batch(states, self.action[i], self.reward[i], next_states, self.has_next[i])
 
-    TABLES = ("frames", "game_start", "game", "slot", "action", "reward", "has_next")
+    ARRAYS = ("frames", "game_start", "game", "slot", "action", "reward", "has_next")  # a checkpoint's arrays
 
     def state_dict(self) -> dict:
         """The tables as NumPy arrays (the frames as a RingSnapshot), and the two counters. Only the part
         written so far is kept, so an early checkpoint is small."""
         slots_used, transitions = min(self.frames_written, self.slots), len(self)
         state = {name: getattr(self, name)[:slots_used if name == "game_start" else transitions].cpu().numpy()
-                 for name in self.TABLES if name != "frames"}
+                 for name in self.ARRAYS if name != "frames"}
         self.snapshot = RingSnapshot(self.frames[:slots_used])
         return dict(state, frames=self.snapshot, frames_written=self.frames_written, stored=self.stored)
 
     def load_state_dict(self, state: dict) -> None:
-        for name in self.TABLES:
+        for name in self.ARRAYS:
             target, source = getattr(self, name), state[name]
             if source.shape[1:] != target.shape[1:] or len(source) > len(target):
                 raise UserError(f"the checkpoint's replay memory has {name} of shape {source.shape}, which "
                                 f"does not fit this run's {tuple(target.shape)}")
             if target.device.type == "cpu":  # straight from the file into the tensor, with no copy between
-                if isinstance(source, CompressedArray):
+                if hasattr(source, "read_into"):  # a compressed array of a checkpoint
                     source.read_into(target[:len(source)].numpy())
                 else:
                     target[:len(source)].numpy()[...] = source
@@ -589,66 +496,13 @@ class ReplayMemory:
         self.frames_written, self.stored = int(state["frames_written"]), int(state["stored"])
 
 
-class RingSnapshot:
-    """The replay frames as they were when a checkpoint was taken, read a chunk at a time by the thread that
-    writes it while training goes on overwriting the ring: before training overwrites a slot the writer has not
-    read yet, the slot's frames are set aside for the writer (one slot per agent step, 113 KB for 16 games,
-    where a copy of the whole memory would stop training for seconds). On a GPU the chunks come down one at a
-    time, so the host never holds a second copy of the memory either."""
-
-    def __init__(self, frames: torch.Tensor):
-        self.frames, self.shape, self.dtype = frames, tuple(frames.shape), np.dtype(np.uint8)
-        self.lock = threading.Lock()
-        self.read_up_to = 0  # slots below this one have been read
-        self.aside: dict = {}  # slot: its frames at the snapshot, for slots overwritten before they were read
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def keep_before_overwrite(self, slot: int) -> bool:
-        """Training is about to overwrite `slot`: set its frames aside if the writer still needs them. False once
-        the writer has read everything (the snapshot can be dropped)."""
-        with self.lock:
-            if self.read_up_to >= len(self):
-                return False
-            if slot >= self.read_up_to and slot < len(self) and slot not in self.aside:
-                self.aside[slot] = self.frames[slot].clone()
-            return True
-
-    def close(self) -> None:
-        with self.lock:
-            self.read_up_to, self.aside = len(self), {}
-
-    def chunks(self, chunk_bytes: int = 16 << 20):
-        """The frames in order, about `chunk_bytes` at a time, as NumPy arrays."""
-        rows = max(1, chunk_bytes // max(1, self.frames[:1].numel()))
-        for start in range(0, len(self), rows):
-            with self.lock:
-                end = min(start + rows, len(self))
-                chunk = self.frames[start:end].to("cpu", copy=True)
-                for slot in [s for s in self.aside if start <= s < end]:
-                    chunk[slot - start] = self.aside.pop(slot)
-                self.read_up_to = end
-            yield chunk.numpy()
-
-
-def check_memory_fits(needed: int, device: torch.device) -> None:
-    """Refuse, before allocating, a replay memory the device cannot hold."""
-    if device.type == "cuda":
-        free, where = torch.cuda.mem_get_info(device)[0], "free GPU memory"
-    else:  # the CPU, or Apple's MPS, which shares the machine's RAM; psutil asks each system its own way
-        free, where = psutil.virtual_memory().available, "available RAM"
-    if needed > 0.9 * free:
-        raise UserError(f"the replay memory needs {needed / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB of "
-                        f"{where} is left; lower --memory")
-
-
 # ---- Transition rules: how each game's agent steps become stored transitions. Both have one method, `store`,
 # called once per agent step; their attributes (the transitions being built) go into full checkpoints.
 class BlockRule:
     """The tutorial's rule: a block of up to `block` agent steps makes one transition with the first step's
     state and action, the state right after that step as next state (none if the life ended there), and the
     sum of the block's rewards. A block ends every `block` steps of its game, or when the life ends."""
+    ARRAYS = ("open", "slot", "action", "has_next", "reward")  # a checkpoint's arrays
 
     def __init__(self, games: int, block: int):
         self.block = block
@@ -663,6 +517,8 @@ class BlockRule:
               done: np.ndarray) -> None:
         self.steps += 1
         opening = ~self.open
+        # The tutorial's quirk: the next state is the one right after the block's *first* step (its replay slot
+        # is state_slot + 1), while the reward sums the whole block; a life lost on that first step has none.
         self.slot[opening] = state_slot
         self.action[opening] = actions[opening]
         self.has_next[opening] = ~done[opening]
@@ -684,6 +540,7 @@ class NStepRule:
     """n-step returns (--recipe fast): each game keeps its last n (state slot, action, discounted return);
     the oldest becomes a transition once n rewards are in, its next state n steps on, and all of them (with
     no next state) when the life ends."""
+    ARRAYS = ("count", "slot", "action", "returns")  # a checkpoint's arrays
 
     def __init__(self, games: int, n_step: int, gamma: float):
         self.n_step, self.gamma = n_step, gamma
@@ -748,29 +605,6 @@ def as_input(stacks: torch.Tensor) -> torch.Tensor:
     return stacks.contiguous(memory_format=torch.channels_last).float().div_(255.0)
 
 
-def load_network(path: str, device: torch.device) -> DuelingNetwork:
-    """A network from a .pth state_dict (ours or the tutorial's, saved on any device), with one-line errors."""
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{path} is a folder; pass one of its .pth snapshots (best.pth, <episode>.pth)")
-    if not p.is_file():
-        raise UserError(f"no such checkpoint file: {path}")
-    try:
-        state = torch.load(p, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises many types for files that are not checkpoints
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or "conv1.weight" not in state or "act_fc2.weight" not in state:
-        raise UserError(f"{path} does not hold a Dueling DQN state_dict (conv1 ... value_fc2)")
-    frames, n_actions = state["conv1.weight"].shape[1], state["act_fc2.weight"].shape[0]
-    net = DuelingNetwork(frames, n_actions).to(device)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise UserError(f"{path} holds a network of another architecture: {' '.join(first[1:2] or first)}") from None
-    return net.eval()
-
-
 # ---- Exploration: epsilon-greedy; the schedule is the tutorial's exponential decay, or linear (--recipe fast).
 def epsilon(step: int, a: Args) -> float:
     if a.eps_schedule == "linear":
@@ -784,10 +618,10 @@ def greedy_actions(policy: nn.Module, stacks: torch.Tensor) -> torch.Tensor:
 
 
 def choose_actions(policy: nn.Module, stack: FrameStack, eps: float, n_actions: int, rng: np.random.Generator,
-                   greedy=None) -> np.ndarray:
-    """Epsilon-greedy actions for every game of `stack`, with at most one forward pass. Given `greedy` (as
-    `greedy_actions`, or it compiled), every game goes through it: one fixed shape, and the greedy choices
-    come back with the actions' one download. Without, only the games that need it (the CPU's cheapest way)."""
+                   need_fire: np.ndarray, fire: Optional[int], greedy=None) -> np.ndarray:
+    """The one way training, evaluation and play.py act: epsilon-greedy actions for every game of `stack`, and FIRE
+    for the games in `need_fire`, whose life starts, so that the ball is served. Given `greedy` (greedy_actions or
+    it compiled), one forward pass of every game (one fixed shape); without, of the greedy ones only (CPU)."""
     n = len(stack)
     explore = rng.random(n) < eps
     actions = rng.integers(n_actions, size=n)
@@ -797,7 +631,18 @@ def choose_actions(policy: nn.Module, stack: FrameStack, eps: float, n_actions: 
     elif len(chosen):
         stacks = stack.frames  # put in order only when a forward pass needs them
         actions[chosen] = greedy_actions(policy, stacks[torch.from_numpy(chosen).to(stacks.device)]).cpu().numpy()
+    if fire is not None:
+        actions[need_fire] = fire
     return actions
+
+
+def lives_starting(games, fire: Optional[int], need_fire: np.ndarray, ended: np.ndarray, lives: np.ndarray,
+                   new_lives: np.ndarray) -> np.ndarray:
+    """Outside training, the games whose next action must be FIRE: a new game or a lost life, and a FIRE that
+    sticky actions swallowed (all 4 of its frames repeated the previous action, 1 life in 256), which would leave
+    a greedy agent waiting with the ball unserved. Training presses FIRE once per life, as the tutorial did."""
+    swallowed = need_fire & games.fire_swallowed(fire) if fire is not None else False
+    return ended | (new_lives < lives) | swallowed
 
 
 # ---- Learning step: one gradient update of the policy network on a uniform batch.
@@ -818,16 +663,21 @@ def td_loss(policy: nn.Module, target: nn.Module, states, actions, rewards, next
     return F.smooth_l1_loss(q, targets), q.detach().mean()
 
 
-def td_update(policy: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, batch, gamma: float,
+class Learned(NamedTuple):
+    """The Huber loss and mean Q of an update (device tensors), or since the last logged row (floats or None)."""
+    loss: torch.Tensor | Optional[float]
+    mean_q: torch.Tensor | Optional[float]
+
+
+def td_update(policy: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, gamma: float,
               n_step: int = 1, double: bool = False, loss_fn=td_loss):
-    """One gradient step on `td_loss` (gamma^n_step the discount of the n-step target); `loss_fn` is
-    td_loss, or it compiled. Returns the loss and the mean Q as device tensors (no host round trip)."""
+    """One gradient step on `loss_fn` (td_loss or it compiled); the discount is gamma^n_step. No host round trip."""
     loss, mean_q = loss_fn(policy, target, *batch, gamma ** n_step, double)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_value_(policy.parameters(), 1000)  # the tutorial's bound
     optimizer.step()
-    return loss.detach(), mean_q
+    return Learned(loss.detach(), mean_q)
 
 
 @torch.no_grad()
@@ -837,71 +687,31 @@ def soft_update(target: nn.Module, policy: nn.Module, tau: float) -> None:
 
 
 class LearningStats:
-    """Sums of the loss and the mean Q over the updates since the last logged row. They stay on the device,
-    so an update needs no host round trip; they are read back only when a row is logged."""
+    """Sums of the loss and mean Q since the last logged row, kept on the device until a row reads them."""
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(3, device=device)  # loss, mean Q, updates
 
-    def add(self, loss: torch.Tensor, mean_q: torch.Tensor) -> None:
-        self.sums += torch.stack([loss, mean_q, torch.ones((), device=self.sums.device)])
+    def add(self, learned: Learned) -> None:
+        self.sums += torch.stack([learned.loss, learned.mean_q, torch.ones((), device=self.sums.device)])
 
-    def take(self) -> tuple[Optional[float], Optional[float]]:
+    def take(self) -> Learned:
         """Mean loss and mean Q since the last call (None without updates), and start new sums."""
         loss, mean_q, updates = self.sums.tolist()
         if updates == 0:
-            return None, None
+            return Learned(None, None)
         self.sums.zero_()
-        return loss / updates, mean_q / updates
+        return Learned(loss / updates, mean_q / updates)
 
 
 # ---- Evaluation and logging: greedy-ish games on their own environment, metrics.csv, TensorBoard, curve.png.
 WALL_CLEARED = 432  # Breakout's first wall is 108 bricks; a game score of 432 means all of them are gone
 
 
-def draw_frame(rgb: np.ndarray, score: Optional[float], scale: int = 3) -> np.ndarray:
-    """An RGB game frame upscaled (nearest neighbour) with the score burned in: for videos and play's window."""
-    h, w = rgb.shape[:2]
-    big = cv2.resize(rgb, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
-    if score is not None:
-        cv2.putText(big, f"{score:.0f}", (8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (255, 255, 255), 2)
-    return big
-
-
-class VideoWriter:
-    """H.264 MP4 (or GIF when the name ends in .gif) from RGB frames, upscaled, with the score burned in."""
-
-    def __init__(self, path: str, fps: float = 60 / 4, scale: int = 3):
-        import av
-        self.path, self.scale = Path(path), scale
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        open(self.path, "ab").close()  # PyAV opens the file only at the first frame: fail here instead
-        self.container = av.open(str(self.path), mode="w")
-        gif = self.path.suffix.lower() == ".gif"
-        self.stream = self.container.add_stream("gif" if gif else "libx264", rate=round(fps))
-        self.stream.pix_fmt = "rgb8" if gif else "yuv420p"
-        self.frames = 0
-
-    def add(self, rgb: np.ndarray, score: Optional[float] = None) -> None:
-        import av
-        big = draw_frame(rgb, score, self.scale)
-        if self.frames == 0:
-            self.stream.width, self.stream.height = big.shape[1] // 2 * 2, big.shape[0] // 2 * 2
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(big[:self.stream.height, :self.stream.width]),
-                                           format="rgb24")
-        self.container.mux(self.stream.encode(frame))
-        self.frames += 1
-
-    def close(self) -> None:
-        self.container.mux(self.stream.encode())
-        self.container.close()
-
-
 @torch.no_grad()
 def evaluate(policy: nn.Module, env_id: str, games: int, eps: float, depth: int, device: torch.device,
              seed: int, video: Optional[str] = None, threads: Optional[int] = None) -> dict:
-    """Play `games` whole games (forced FIRE each life, epsilon `eps`, no erasing); not part of training.
-    With `video`, the best game is written there; `threads` steps the games (default: one per core)."""
+    """Play `games` whole games (epsilon `eps`, no erasing), the best of them to `video`; not part of training."""
     env = make_games(env_id, games, seed, rgb=True, threads=threads)
     fire = fire_action(env.actions)
     rng = np.random.default_rng(seed)
@@ -910,32 +720,23 @@ def evaluate(policy: nn.Module, env_id: str, games: int, eps: float, depth: int,
     stack.push(torch.from_numpy(preprocess_all(rgb, None)).to(device), np.ones(games, bool))
     need_fire, finished = np.ones(games, bool), np.zeros(games, bool)
     scores, lengths = np.zeros(games), np.zeros(games, np.int64)
-    tmp = Path(video).with_name(f".{Path(video).name}-games") if video else None
-    writers = [VideoWriter(tmp / f"{i}.mp4") for i in range(games)] if tmp else []
-    for w, f in zip(writers, rgb):
-        w.add(f, 0)
+    videos = GameVideos(video, rgb) if video else None
     while not finished.all():
-        actions = choose_actions(policy, stack, eps, len(env.actions), rng)
-        if fire is not None:
-            actions[need_fire] = fire
+        actions = choose_actions(policy, stack, eps, len(env.actions), rng, need_fire, fire)
         rgb, reward, terminated, truncated, new_lives = env.step(actions)
         playing = ~finished
         scores += reward * playing
         lengths += playing
         ended = terminated | truncated
-        for i in np.flatnonzero(playing & ~ended) if writers else ():
-            writers[i].add(rgb[i], scores[i])
-        need_fire = ended | (new_lives < lives)
+        if videos:
+            videos.add(rgb, scores, playing & ~ended)
+        need_fire = lives_starting(env, fire, need_fire, ended, lives, new_lives)
         finished |= ended
         lives = new_lives
         stack.push(torch.from_numpy(preprocess_all(rgb, None)).to(device), ended)
     env.close()
-    if writers:
-        for w in writers:
-            w.close()
-        best = int(np.argmax(scores))
-        os.replace(tmp / f"{best}.mp4", video)
-        shutil.rmtree(tmp, ignore_errors=True)
+    if videos:
+        videos.keep(int(np.argmax(scores)))
     return dict(scores=scores.tolist(), lengths=lengths.tolist(), mean=float(scores.mean()),
                 max=float(scores.max()), cleared=int((scores >= WALL_CLEARED).sum()))
 
@@ -944,76 +745,12 @@ METRIC_COLUMNS = ["kind", "step", "seconds", "episode", "score", "lives_lost", "
                   "steps_per_s", "replay_fill"]
 
 
-class RunLog:
-    """metrics.csv (one row per finished game and per evaluation) and the same scalars for TensorBoard."""
-
-    def __init__(self, run_dir: Path, resume_step: Optional[int], replayed_eval: Optional[int] = None):
-        self.path = run_dir / "metrics.csv"
-        if resume_step is not None and self.path.exists():
-            # Rows written after the checkpoint belong to work that is about to be done again, and so does the
-            # row of the evaluation that was playing beside training when the checkpoint was taken.
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step
-                        and not (r["kind"] == "eval" and int(r["step"]) == replayed_eval)]
-            write_atomically(self.path, lambda f: self._write_rows(f, rows), text=True)
-        elif resume_step is None:
-            write_atomically(self.path, lambda f: self._write_rows(f, []), text=True)
-        self.file = open(self.path, "a", newline="")
-        self.csv = csv.DictWriter(self.file, METRIC_COLUMNS)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step, flush_secs=10)
-        except ImportError:
-            print("note: the tensorboard package is not installed; metrics go to metrics.csv only")
-            self.tb = None
-
-    @staticmethod
-    def _write_rows(f, rows):
-        w = csv.DictWriter(f, METRIC_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-
-    def row(self, **values) -> None:
-        self.csv.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items()})
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                if k not in ("kind", "step") and v is not None and v != "":
-                    self.tb.add_scalar(f"{values['kind']}/{k}", v, values["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Rows:
-    """A table that grows a row at a time, in one float64 array that doubles when full: a run of 10 million
-    games keeps 240 MB here where Python lists of rows would take gigabytes, and `array` costs nothing."""
-
-    def __init__(self, width: int, rows=()):
-        rows = np.asarray(rows, float).reshape(-1, width)
-        self.data, self.n = np.zeros((max(64, 2 * len(rows)), width)), len(rows)
-        self.data[:self.n] = rows
-
-    def append(self, row) -> None:
-        if self.n == len(self.data):
-            self.data = np.concatenate([self.data, np.zeros_like(self.data)])
-        self.data[self.n] = row
-        self.n += 1
-
-    @property
-    def array(self) -> np.ndarray:
-        """The rows so far, (n, width); a view, so copy it before handing it to another thread."""
-        return self.data[:self.n]
-
-
 class History:
-    """What curve.png draws, a row per point: per finished game (agent step, seconds, score); per redraw of
-    the curve (agent step, episode, mean life score since the last redraw); per evaluation (agent step,
-    seconds, mean, max, games that cleared the wall); per logged learning figure (agent step, loss, mean Q)."""
+    """What curve.png draws, in rows of (agent step, seconds, score) per game, (step, episode, mean life score) per
+    redraw, (step, seconds, mean, max, games clearing the wall) per evaluation, (step, loss, mean Q) per row."""
 
     COLUMNS = dict(games=3, lives=3, evals=5, learning=3)
+    ARRAYS = tuple(COLUMNS)  # a checkpoint's arrays
 
     def __init__(self):
         for name, width in self.COLUMNS.items():
@@ -1030,286 +767,13 @@ class History:
         for name, width in self.COLUMNS.items():
             setattr(self, name, Rows(width, state[name]))
 
-
-CURVE_POINTS = 2_000  # the most points a line of curve.png gets: a redraw costs the same at any run length
-
-
-def bins(n: int, points: int = CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """At most `points` runs of consecutive rows out of `n`: the indices of each one's first and last row."""
-    ends = np.unique(np.linspace(0, n - 1, min(n, points)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
-    return np.concatenate([[0], ends[:-1] + 1]).astype(np.int64), ends
+    def curve_data(self) -> dict:
+        """What curve.png draws, thinned (plumbing.curve_data)."""
+        return curve_data(self.games.array, self.lives.array, self.evals.array, self.learning.array, WALL_CLEARED)
 
 
-def thinned(rows: np.ndarray, points: int = CURVE_POINTS) -> np.ndarray:
-    """At most `points` rows: each the mean of a run of consecutive rows, at the agent step (column 0) of its
-    last one."""
-    if len(rows) <= points:
-        return rows.copy()
-    starts, ends = bins(len(rows), points)
-    return np.column_stack([rows[ends, 0], np.add.reduceat(rows[:, 1:], starts) / (ends - starts + 1)[:, None]])
-
-
-def curve_data(history: History, window: int = 100) -> dict:
-    """What curve.png draws, thinned to at most CURVE_POINTS points a line, with the work kept close to the
-    points drawn: up to CURVE_POINTS games are drawn one by one. Past that, each run of games between two
-    points shows its lowest and highest score, the mean of the `window` games up to its end and the best game
-    so far; the other lines are averaged over each run of rows (`thinned`). Cheap enough to run in the
-    training loop."""
-    games = history.games.array
-    data = {name: thinned(getattr(history, name).array) for name in ("lives", "evals", "learning")}
-    if len(games):
-        scores, (starts, ends) = games[:, 2], bins(len(games))
-        last = ends[:, None] - np.arange(window)[None, :]  # the `window` games up to each point
-        inside = last >= 0
-        mean = np.where(inside, scores[np.maximum(last, 0)], 0).sum(1) / inside.sum(1)
-        low, high = np.minimum.reduceat(scores, starts), np.maximum.reduceat(scores, starts)
-        best = np.maximum.accumulate(high)
-        cleared = np.flatnonzero(high >= WALL_CLEARED)
-        first_clear = None
-        if len(cleared):
-            i = starts[cleared[0]] + np.argmax(scores[starts[cleared[0]]:ends[cleared[0]] + 1] >= WALL_CLEARED)
-            first_clear = games[i, 0]
-        data.update(step=games[ends, 0], low=low, high=high, mean=mean, best=best, first_clear=first_clear,
-                    each_game=len(ends) == len(games))
-    return data
-
-
-def draw_curve(path: Path, data: dict, env_id: str) -> None:
-    """curve.png from `curve_data`: scores per game and per life (windowed means), evaluations, wall mark; loss
-    and Q below. The file is replaced whole, so a reader never sees half a picture."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    lives, evals, learn = data["lives"], data["evals"], data["learning"]
-    fig, (top, mid, low) = plt.subplots(3, 1, figsize=(10, 9), sharex=True,
-                                        gridspec_kw=dict(height_ratios=[3, 1, 1]))
-    if "step" in data:
-        x = data["step"] / 1e6
-        if data["each_game"]:
-            top.plot(x, data["high"], ".", color="0.8", ms=2, label="game score")
-        else:
-            top.fill_between(x, data["low"], data["high"], color="0.85", lw=0, label="game scores, lowest to highest")
-        top.plot(x, data["mean"], color="C0", lw=2, label="game score, mean of 100 games")
-        top.plot(x, data["best"], color="C2", lw=1, ls="--", label="best game so far")
-    if len(lives):
-        top.plot(lives[:, 0] / 1e6, lives[:, 2], color="C1", lw=1.5, label="life score, mean per plot window")
-    if len(evals):
-        top.plot(evals[:, 0] / 1e6, evals[:, 2], "o-" if len(evals) <= 200 else "-", color="C3", ms=4,
-                 label="evaluation mean")
-    if data.get("first_clear") is not None:
-        top.axvline(data["first_clear"] / 1e6, color="k", ls=":", lw=1)
-        top.annotate(" wall cleared", (data["first_clear"] / 1e6, WALL_CLEARED), fontsize=9)
-    top.set_ylabel("score (points)")
-    top.set_title(f"{env_id}: training progress")
-    if top.get_legend_handles_labels()[0]:
-        top.legend(loc="upper left", fontsize=8)
-    top.grid(alpha=0.3)
-    if len(learn):
-        mid.plot(learn[:, 0] / 1e6, learn[:, 1], color="C4")
-        low.plot(learn[:, 0] / 1e6, learn[:, 2], color="C5")
-    mid.set_ylabel("Huber loss")
-    low.set_ylabel("mean Q")
-    low.set_xlabel("agent steps (millions)")
-    for ax in (mid, low):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-# ---- Checkpoints. Snapshots (<episode>.pth) are the target network's state_dict, as the tutorial saved them.
-# Full checkpoints (resume/<step>/) hold everything a run needs to go on: tensors via torch.save (read
-# back with weights_only=True), arrays as zstd-compressed .npy, the rest as JSON, and manifest.json, written
-# last, with each file's size and SHA-256. Every file goes to a temporary name first and is renamed when
-# complete.
-def fsync_dir(path: Path) -> None:
-    """Make the renames inside `path` durable, where the system can: Windows cannot open a folder as a file
-    (PermissionError), and its renames need no such call."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except PermissionError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, write, text: bool = False) -> None:
-    """Write via `write(file)` to a temporary file beside `path`, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_snapshot(net: nn.Module | dict, path: Path) -> None:
-    """A network, or its state_dict, as a .pth the tutorial's code loads (plain tensors, on the CPU)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in (net if isinstance(net, dict) else net.state_dict()).items()}
-    write_atomically(path, lambda f: torch.save(state, f))
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class DamagedCheckpoint(Exception):
-    pass
-
-
-def save_array(path: Path, array: np.ndarray | RingSnapshot) -> None:
-    """`array` as a .npy stream compressed with zstd (level 1, on every core), written a chunk at a time, so
-    that saving the replay memory holds no second copy of it. Frames of play shrink about 100x."""
-    with open(path, "wb") as f, zstandard.ZstdCompressor(level=1, threads=-1).stream_writer(f, closefd=False) as out:
-        if not isinstance(array, RingSnapshot):
-            np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
-            return
-        header = dict(descr=np.lib.format.dtype_to_descr(array.dtype), fortran_order=False, shape=array.shape)
-        np.lib.format.write_array_header_1_0(out, header)
-        for chunk in array.chunks():
-            out.write(chunk.data)
-
-
-class CompressedArray:
-    """An array written by save_array, read when asked: np.asarray() decompresses it whole, `read_into` straight
-    into a buffer (the replay memory's tables) with no copy between."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with self._open() as f:
-            self.shape, self.dtype = self._header(f)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def _open(self):
-        return zstandard.ZstdDecompressor().stream_reader(open(self.path, "rb"), closefd=True)
-
-    @staticmethod
-    def _header(f) -> tuple:
-        fmt = np.lib.format
-        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
-        shape, _, dtype = read(f)
-        return shape, dtype
-
-    def read_into(self, out: np.ndarray) -> None:
-        assert out.shape == self.shape and out.dtype == self.dtype and out.flags.c_contiguous
-        with self._open() as f:
-            self._header(f)
-            buffer, done = memoryview(out.reshape(-1).view(np.uint8)), 0
-            while done < len(buffer):
-                read = f.readinto(buffer[done:])
-                if not read:
-                    raise DamagedCheckpoint(f"{self.path.name} ends early")
-                done += read
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = np.empty(self.shape, self.dtype)
-        self.read_into(array)
-        return array if dtype is None else array.astype(dtype)
-
-
-def save_checkpoint(root: Path, name: str, tensors: dict, arrays: dict, state: dict, keep: int = 2) -> Path:
-    """Write resume/<name>/ completely or not at all; keep the newest `keep` checkpoints."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        torch.save(tensors, tmp / "model.pt")
-        for key, value in arrays.items():
-            save_array(tmp / f"{key}.npy.zst", value)
-        (tmp / "state.json").write_text(json.dumps(state))
-        manifest = {}
-        for f in sorted(tmp.iterdir()):
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-            manifest[f.name] = dict(bytes=f.stat().st_size, sha256=sha256(f))
-        write_atomically(tmp / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1)), text=True)
-        fsync_dir(tmp)
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        fsync_dir(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for array in arrays.values():
-            if isinstance(array, RingSnapshot):
-                array.close()  # read or not, training need not keep its frames any longer
-    for old in checkpoint_folders(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def checkpoint_folders(root: Path) -> list:
-    """The full checkpoints in `root` (a run's resume/), oldest first; none while a first one is being written."""
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
-
-
-def load_checkpoint(folder: Path):
-    """(tensors, arrays, state) of a full checkpoint, after checking every file against its manifest."""
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        raise DamagedCheckpoint("no readable manifest.json") from None
-    for name, meta in manifest.items():
-        f = folder / name
-        if not f.is_file() or f.stat().st_size != meta["bytes"]:
-            raise DamagedCheckpoint(f"{name} is missing or truncated")
-        if sha256(f) != meta["sha256"]:
-            raise DamagedCheckpoint(f"{name} does not match its checksum")
-    tensors = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    arrays = {f.name[:-len(".npy.zst")]: CompressedArray(f) for f in folder.glob("*.npy.zst")}
-    # Checkpoints written before compression keep plain .npy files: read through memory maps.
-    arrays.update({f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in folder.glob("*.npy")})
-    return tensors, arrays, json.loads((folder / "state.json").read_text())
-
-
-def latest_checkpoint(run_dir: Path):
-    """The newest full checkpoint that passes its checks, reporting each damaged one in one line."""
-    root = run_dir / "resume"
-    for folder in reversed(checkpoint_folders(root)):
-        try:
-            return folder, load_checkpoint(folder)
-        except DamagedCheckpoint as e:
-            print(f"warning: checkpoint {folder} is damaged ({e}); trying the one before it", file=sys.stderr)
-    raise UserError(f"no usable checkpoint in {root}; start a new run without --resume")
-
-
-class StopRequest:
-    """First Ctrl-C, SIGTERM or (on Windows) Ctrl-Break: finish the step, save, exit 0. A second one interrupts
-    at once (the previous checkpoint stays intact because a checkpoint only replaces it when complete)."""
-
-    def __init__(self):
-        self.signal: Optional[str] = None
-        stops = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
-        self.previous = {s: signal.signal(s, self._handle) for s in stops}
-
-    def restore(self) -> None:
-        """Give Ctrl-C back to whoever had it (a notebook calling train(), say)."""
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-
-# ---- The run's state, declared once: every field of `Run` goes into a full checkpoint and comes back from
-# it. Saving (`checkpoint_files`) and restoring (`restore`) walk the same fields: a field added to Run is
-# saved and restored with no other edit.
+# ---- The run's state, declared once: a full checkpoint saves and restores every field of `Run` (plumbing.py
+# walks them; a part's ARRAYS go to compressed files), so a field added to Run needs no other edit.
 @dataclass
 class Counters:
     steps: int = 0                       # agent steps, all games together
@@ -1327,8 +791,8 @@ class Counters:
 
 @dataclass
 class GameTracking:
-    """Per game in play: lives left, whether the next action must be FIRE, the game's and the life's score
-    so far, and the lives lost in the game."""
+    """Per game in play: lives left, whether FIRE is next, the game's and the life's score, lives lost."""
+    ARRAYS = ("lives", "need_fire", "game_score", "life_score", "lives_lost")  # a checkpoint's arrays
     lives: np.ndarray
     need_fire: np.ndarray
     game_score: np.ndarray
@@ -1343,8 +807,7 @@ class GameTracking:
 
 @dataclass
 class Every:
-    """Periodic work, due at the multiples of `interval` of a count (episodes, agent steps, seconds); never
-    when the interval is 0."""
+    """Periodic work, due at the multiples of `interval` of a count (episodes, steps, seconds); never at 0."""
     interval: float
     next: Optional[float]
 
@@ -1364,19 +827,13 @@ class Every:
 
 @dataclass
 class PendingEvaluation:
-    """The evaluation playing beside training, if any: the agent step, episode and training seconds at which its
-    weights were taken, its number (which seeds its games) and the weights. A full checkpoint keeps it, so
-    that a resumed run plays it again instead of losing it."""
+    """The evaluation playing beside training, if any: the step, episode and seconds of its weights, its number
+    (which seeds its games) and the weights; a full checkpoint keeps it, so a resumed run plays it again."""
     step: Optional[int] = None
     episode: int = 0
     seconds: float = 0.0
     number: int = 0
     weights: Optional[dict] = None
-
-
-# The periodic work a run keeps: its Run field, the flag that sets its interval, the counter it follows.
-SCHEDULES = (("snapshots", "save_every", "episodes"), ("curve", "plot_every", "episodes"),
-             ("evaluations", "eval_every", "steps"))
 
 
 @dataclass
@@ -1395,9 +852,9 @@ class Run:
     counters: Counters
     learning: LearningStats              # loss and Q since the last logged row
     history: History                     # what curve.png draws
-    snapshots: Every                     # <episode>.pth, counting episodes
-    curve: Every                         # curve.png, counting episodes
-    evaluations: Every                   # counting agent steps
+    snapshots: Every                     # <episode>.pth every --save-every episodes
+    curve: Every                         # curve.png every --plot-every episodes
+    evaluations: Every                   # an evaluation every --eval-every agent steps
     evaluating: PendingEvaluation        # the evaluation playing beside training
 
 
@@ -1410,15 +867,18 @@ def new_run(args: Args, device: torch.device, games) -> Run:
     policy_net = DuelingNetwork(args.frames, n_actions).to(device, memory_format=torch.channels_last)
     target_net = DuelingNetwork(args.frames, n_actions).to(device, memory_format=torch.channels_last)
     target_net.load_state_dict(policy_net.state_dict())
-    # The fused kernel is the same AdamW, in one pass over the parameters (3.5x faster step on CPU).
+    # The fused kernel is the same AdamW, in one pass over the parameters.
     optimizer = torch.optim.AdamW(policy_net.parameters(), lr=args.lr, amsgrad=True,
                                   fused=device.type in ("cpu", "cuda") or None)
-    return Run(games, policy_net, target_net, optimizer, sampler, np.random.default_rng(args.seed),
-               ReplayMemory(args.memory, n, args.frames, block, device, args.n_step),
-               FrameStack(n, args.frames, device),
-               BlockRule(n, block) if args.n_step == 1 else NStepRule(n, args.n_step, args.gamma),
-               GameTracking.new_games(np.zeros(n, np.int64)), Counters(), LearningStats(device), History(),
-               *(Every.counting_from(getattr(args, flag)) for _, flag, _ in SCHEDULES), PendingEvaluation())
+    return Run(games=games, policy_net=policy_net, target_net=target_net, optimizer=optimizer, sampler=sampler,
+               rng=np.random.default_rng(args.seed),
+               replay=ReplayMemory(args.memory, n, args.frames, block, device, args.n_step),
+               stack=FrameStack(n, args.frames, device),
+               transitions=BlockRule(n, block) if args.n_step == 1 else NStepRule(n, args.n_step, args.gamma),
+               tracking=GameTracking.new_games(np.zeros(n, np.int64)), counters=Counters(),
+               learning=LearningStats(device), history=History(),
+               snapshots=Every.counting_from(args.save_every), curve=Every.counting_from(args.plot_every),
+               evaluations=Every.counting_from(args.eval_every), evaluating=PendingEvaluation())
 
 
 def start_games(run: Run, args: Args) -> None:
@@ -1436,105 +896,16 @@ def erase_rng(run: Run, args: Args) -> Optional[np.random.Generator]:
     return None if args.no_random_erasing else run.rng
 
 
-def part_state(part) -> dict:
-    """One field of a Run as {name: value}: a generator's state, the field's `state_dict()` where it has one
-    (networks, optimiser, replay memory, frame stacks, games, history), else its attributes."""
-    if isinstance(part, torch.Generator):
-        return dict(state=part.get_state())
-    if isinstance(part, np.random.Generator):
-        return dict(state=part.bit_generator.state)
-    return part.state_dict() if hasattr(part, "state_dict") else dict(vars(part))
-
-
-def load_part(part, state: dict) -> None:
-    if isinstance(part, torch.Generator):
-        try:
-            part.set_state(state["state"])
-        except RuntimeError:  # the run moved between CPU and GPU, whose generators differ
-            print("note: replay sampling is reseeded on the new device", flush=True)
-    elif isinstance(part, np.random.Generator):
-        part.bit_generator.state = state["state"]
-    elif hasattr(part, "load_state_dict"):
-        part.load_state_dict(state)
-    else:
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(getattr(part, name).device)
-            writable_copy = isinstance(value, (np.ndarray, CompressedArray))
-            setattr(part, name, np.array(value) if writable_copy else value)
-
-
-def is_json(value) -> bool:
-    """Whether JSON gives `value` back as it is (not so for tensors, tuples, or dicts with int keys)."""
-    try:
-        return json.loads(json.dumps(value)) == value
-    except TypeError:
-        return False
-
-
-def checkpoint_files(run: Run) -> tuple[dict, dict, dict]:
-    """The run as a full checkpoint's contents: tensors and the like for model.pt, arrays (each its own
-    <field>.<name>.npy), and JSON values for state.json; model.pt's and state.json's keyed by field."""
-    tensors, arrays, values = {}, {}, {}
-    for f in dataclasses.fields(run):
-        for name, value in part_state(getattr(run, f.name)).items():
-            if isinstance(value, (np.ndarray, RingSnapshot)):
-                arrays[f"{f.name}.{name}"] = value
-            else:
-                (values if is_json(value) else tensors).setdefault(f.name, {})[name] = value
-    return tensors, arrays, values
-
-
-def parts_of(tensors: dict, arrays: dict, values: dict) -> dict:
-    """A full checkpoint's contents as {Run field: its state}: the inverse of checkpoint_files."""
-    parts = {}
-    for field_name, state in [*tensors.items(), *values.items()]:
-        parts.setdefault(field_name, {}).update(state)
-    for key, array in arrays.items():
-        field_name, name = key.split(".", 1)
-        parts.setdefault(field_name, {})[name] = array
-    return parts
-
-
-def parts_of_older_layout(run: Run, tensors: dict, arrays: dict, values: dict) -> dict:
-    """A full checkpoint written up to commit 115c5ab, before the run's state was declared in one place: the
-    same state under other names, as {Run field: its state}."""
-    counters = dict(values["counters"])
-    game = {k[len("game_"):]: v for k, v in arrays.items() if k.startswith("game_")}
-    if isinstance(run.transitions, BlockRule):
-        transitions = dict(steps=int(game["env_steps"][0]),
-                           **{k: game[f"block_{k}"] for k in ("open", "slot", "action", "has_next", "reward")})
-    else:
-        transitions = dict(count=game["pend_count"], slot=game["pend_slot"], action=game["pend_action"],
-                           returns=game["pend_return"])
-    replay = {k[len("replay_"):]: v for k, v in arrays.items() if k.startswith("replay_")}
-    replay["frames_written"], replay["stored"] = (int(x) for x in replay.pop("counters"))
-    return dict(
-        games=dict(values.get("games", {}), emulator=arrays["emulator"]) if "emulator" in arrays else {},
-        policy_net=tensors["policy"], target_net=tensors["target"], optimizer=tensors["optimizer"],
-        sampler=dict(state=tensors["sampler"]), rng=dict(state=values["numpy"]), replay=replay,
-        stack=dict(frames=tensors["stack"]), transitions=transitions,
-        tracking={k: game[k] for k in ("lives", "need_fire", "game_score", "life_score", "lives_lost")},
-        learning=dict(sums=tensors["learning"]),
-        history={k[len("history_"):]: v for k, v in arrays.items() if k.startswith("history_")},
-        snapshots=dict(next=counters.pop("next_save")), curve=dict(next=counters.pop("next_plot")),
-        evaluations=dict(next=counters.pop("next_eval")), counters=counters)
-
-
 def restore(run: Run, checkpoint, args: Args, given: set) -> None:
-    """Bring the run back to where the checkpoint left it; games that cannot come back start afresh."""
-    folder, (tensors, arrays, values) = checkpoint
-    older = "policy" in tensors
-    parts = parts_of_older_layout(run, tensors, arrays, values) if older else parts_of(tensors, arrays, values)
-    why_afresh = None
-    for f in dataclasses.fields(run):
-        try:
-            load_part(getattr(run, f.name), parts.get(f.name, {}))
-        except CannotRestore as e:
-            why_afresh = str(e)
-    for name, flag, counter in SCHEDULES:
-        if flag in given:  # a new interval given on resume counts from here
-            setattr(run, name, Every.counting_from(getattr(args, flag), getattr(run.counters, counter)))
+    """Bring the run back to its checkpoint (games that cannot come back start afresh); new intervals count on."""
+    folder, (state, arrays, _) = checkpoint
+    why_afresh = restore_state(run, state, arrays)
+    if "save_every" in given:
+        run.snapshots = Every.counting_from(args.save_every, run.counters.episodes)
+    if "plot_every" in given:
+        run.curve = Every.counting_from(args.plot_every, run.counters.episodes)
+    if "eval_every" in given:
+        run.evaluations = Every.counting_from(args.eval_every, run.counters.steps)
     if why_afresh:
         print(f"note: {why_afresh}, so the games start afresh; the transitions being built when the checkpoint "
               "was taken are dropped", flush=True)
@@ -1543,73 +914,30 @@ def restore(run: Run, checkpoint, args: Args, given: set) -> None:
 
 
 # ---- Starting: a new run, or the one a checkpoint continues; and this process's share of it.
-def prepare_run(args: Args, given: set):
-    """(args, run folder, checkpoint or None). On --resume the run's own recipe comes back from config.json;
-    only the flags marked new_on_resume may change it. With --auto-resume, a folder with a checkpoint is
-    resumed, and any other is started (a run stopped before its first checkpoint starts over)."""
-    if args.auto_resume and not args.resume and checkpoint_folders(Path(args.checkpoints) / "resume"):
-        args.resume = "latest"
-    if not args.resume:
-        run_dir = Path(args.checkpoints)
-        if (run_dir / "config.json").exists() and not args.auto_resume:
-            raise UserError(f"{run_dir}/ already holds a run: add --resume to continue it, or pass "
-                            f"--checkpoints NEW_FOLDER to start another")
-        if args.seed is None:
-            args.seed = random.SystemRandom().randrange(2**31)
-        return args, run_dir, None
-    path = Path(args.checkpoints if args.resume == "latest" else args.resume)
-    if (path / "manifest.json").exists():  # one checkpoint folder: run/resume/<step>
-        run_dir = path.parent.parent
-        try:
-            checkpoint = (path, load_checkpoint(path))
-        except DamagedCheckpoint as e:
-            raise UserError(f"checkpoint {path} is damaged ({e})") from None
-    else:
-        run_dir = path
-        if not (run_dir / "config.json").exists():
-            raise UserError(f"{run_dir}/ holds no run to resume (no config.json)")
-        checkpoint = latest_checkpoint(run_dir)
-    saved = json.loads((run_dir / "config.json").read_text())["args"]
-    may_change = {f.name for f in dataclasses.fields(Args) if f.metadata["new_on_resume"]}
-    changed = sorted(k for k in given - may_change if getattr(args, k) != saved.get(k))
-    if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} (run: {saved.get(k)}, given: {getattr(args, k)})" for k in changed)
-        raise UserError(f"--resume continues the run's own recipe, and these flags differ: {diffs}; "
-                        f"start a new run in another --checkpoints folder to change them")
-    merged = {**saved, **{k: getattr(args, k) for k in given & may_change}}
-    merged.update(resume=args.resume, checkpoints=str(run_dir))
-    return Args(**merged), run_dir, checkpoint
+class Switches(NamedTuple):
+    """The auto|on|off flags, resolved once for this machine."""
+    overlap: bool       # --overlap: learn while the games step (auto: CUDA with more than one game)
+    compile: bool       # --compile (auto: CUDA)
+    eval_beside: bool   # --eval-beside (auto: EVAL_BESIDE_CORES cores or more)
 
 
-def open_run_folder(run_dir: Path, args: Args, n_actions: int, new: bool) -> None:
-    """Create the run's folder, clear what a killed save left there, and write a new run's config.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in (run_dir / "resume").glob(".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    if new:
-        config = dict(env=args.env, frames=args.frames, n_actions=n_actions, args=dataclasses.asdict(args))
-        write_atomically(run_dir / "config.json", lambda f: f.write(json.dumps(config, indent=1)), text=True)
-
-
-def describe(args: Args, device: torch.device, replay_bytes: int) -> str:
-    rows = [f"{k:>20} = {v}" for k, v in dataclasses.asdict(args).items()]
-    return "\n".join(["recipe and run:"] + rows + [
-        f"{'device':>20} = {device}",
-        f"{'replay memory':>20} = {replay_bytes / 2**30:.2f} GiB on {device} "
-        f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)"])
+def switches(args: Args, device: torch.device) -> Switches:
+    cuda, cores = device.type == "cuda", os.cpu_count() or 1
+    pick = lambda flag, auto: flag == "on" or (flag == "auto" and auto)
+    return Switches(overlap=pick(args.overlap, cuda and args.envs > 1), compile=pick(args.compile, cuda),
+                    eval_beside=pick(args.eval_beside, cores >= EVAL_BESIDE_CORES))
 
 
 def compiled_functions(run: Run, args: Args, device: torch.device):
-    """td_loss and greedy_actions through torch.compile: fused kernels, on CUDA replayed as CUDA graphs (one
-    launch instead of dozens). Compiled now, by one update on copies of the networks (the run is left as it
-    was); where compiling fails, one line says so and the eager functions go on."""
+    """td_loss and greedy_actions through torch.compile (on CUDA replayed as CUDA graphs), compiled now on copies of
+    the networks; where compiling fails, one line says so and the eager functions go on."""
     mode = "reduce-overhead" if device.type == "cuda" else None
     loss_fn, greedy = torch.compile(td_loss, mode=mode), torch.compile(greedy_actions, mode=mode)
     policy, target, optimizer = copy.deepcopy((run.policy_net, run.target_net, run.optimizer))
     stacks = lambda n: torch.zeros((n, args.frames, SIZE, SIZE), dtype=torch.uint8, device=device)
     b = args.batch_size
-    batch = (stacks(b), torch.zeros(b, dtype=torch.int64, device=device), torch.zeros(b, device=device), stacks(b),
-             torch.ones(b, dtype=torch.bool, device=device))
+    batch = Batch(stacks(b), torch.zeros(b, dtype=torch.int64, device=device), torch.zeros(b, device=device),
+                  stacks(b), torch.ones(b, dtype=torch.bool, device=device))
     started = time.time()
     try:
         for _ in range(3):  # CUDA graphs are recorded at the third call
@@ -1624,50 +952,40 @@ def compiled_functions(run: Run, args: Args, device: torch.device):
 
 
 def torch_threads(args: Args, device: torch.device, learning: bool) -> int:
-    """All cores for learning. Acting and bookkeeping run small tensor ops between emulator steps; on CPU more
-    threads there only fight ale-py's threads for the cores (3x slower on 2 cores)."""
+    """All cores for learning; one for acting on CPU, where more only fight ale-py's threads for the cores."""
     return (args.threads or os.cpu_count() or 1) if learning or device.type != "cpu" else 1
 
 
 class Session:
-    """This process's share of a run, none of it saved: the flags, the run's folder, the log, the clock,
-    the progress bar and the stop request."""
+    """This process's share of a run, none of it saved: flags, folder, log, clock, progress, helpers, stop request."""
 
     def __init__(self, args: Args, run_dir: Path, device: torch.device, run: Run, resumed: bool):
         self.args, self.run_dir, self.device = args, run_dir, device
         self.n_actions, self.fire = len(run.games.actions), fire_action(run.games.actions)
-        self.log = RunLog(run_dir, run.counters.steps if resumed else None, run.evaluating.step)
-        if self.log.tb is not None and not resumed:
-            self.log.tb.add_text("hyperparameters", "|flag|value|\n|-|-|\n" +
-                                 "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
-        cuda = device.type == "cuda"
-        self.overlap = args.overlap == "on" or (args.overlap == "auto" and cuda and args.envs > 1)
+        self.log = RunLog(run_dir, METRIC_COLUMNS, run.counters.steps if resumed else None, run.evaluating.step)
+        if not resumed:
+            self.log.table("hyperparameters", dataclasses.asdict(args))
+        self.switches = on = switches(args, device)
         # Acting on CPU forwards only the games that act greedily; elsewhere all of them, with no upload.
         self.loss_fn, self.greedy = td_loss, (greedy_actions if device.type != "cpu" else None)
-        if args.compile == "on" or (args.compile == "auto" and cuda):
+        if on.compile:
             self.loss_fn, self.greedy = compiled_functions(run, args, device)
-        print(f"learning {'while the games step' if self.overlap else 'between steps of the games'}, "
+        print(f"learning {'while the games step' if on.overlap else 'between steps of the games'}, "
               f"{'compiled' if self.loss_fn is not td_loss else 'not compiled'}", flush=True)
         self.started, self.seconds_before = time.time(), run.counters.seconds
-        self.checkpoints = Every.counting_from(60 * args.checkpoint_minutes)  # counting this session's seconds
-        self.rate_time, self.rate_steps, self.steps_per_s = time.time(), run.counters.steps, 0.0
+        self.checkpoint_due = Every.counting_from(60 * args.checkpoint_minutes)  # counting this session's seconds
         # The bar follows the budget that was given: minutes (in seconds), else agent steps, else episodes.
-        self.total, unit = ((round(60 * args.minutes), "s") if args.minutes is not None else
-                            (args.steps, "step") if args.steps is not None else (args.episodes, "ep"))
-        self.bar = tqdm(total=self.total, initial=self.progress(run.counters), unit=unit, desc="training",
-                        dynamic_ncols=True, mininterval=1.0)
+        total, unit = ((round(60 * args.minutes), "s") if args.minutes is not None else
+                       (args.steps, "step") if args.steps is not None else (args.episodes, "ep"))
+        self.progress = Progress(total, unit, self.done(run.counters), run.counters.steps)
         self.staging = Staging(device)  # the frames' upload
-        cores = os.cpu_count() or 1
-        self.eval_beside = args.eval_beside == "on" or (args.eval_beside == "auto" and cores >= EVAL_BESIDE_CORES)
         if args.eval_every:
-            print(f"evaluations play {'beside training' if self.eval_beside else 'in the training loop'}"
-                  + ("" if args.eval_beside != "auto" else f" ({cores} cores; --eval-beside on|off to choose)"),
-                  flush=True)
-        # Beside training: the curve's process, the evaluations' process, the thread writing a checkpoint.
-        self.curves = Helper("curve", newest_only=True, results=False)
-        self.evaluations = Helper("evaluations")
-        self.saving: Optional[Beside] = None
-        self.said_saves_inline = False
+            print(f"evaluations play {'beside training' if on.eval_beside else 'in the training loop'}"
+                  + ("" if args.eval_beside != "auto" else f" ({os.cpu_count()} cores; --eval-beside on|off to "
+                                                           "choose)"), flush=True)
+        # Beside training: the curve's process, the evaluations' process, the thread writing checkpoints.
+        self.curves, self.evaluations = Helper("curve", newest_only=True), Helper("evaluations")
+        self.checkpoints = Checkpoints(run_dir / "resume", args.keep_checkpoints)
         self.stop = StopRequest()  # last: train() gives the signals back from here on
 
     def seconds(self) -> float:
@@ -1677,155 +995,26 @@ class Session:
         """Training time of the whole run."""
         return self.seconds_before + self.seconds()
 
-    def progress(self, counters: Counters) -> int:
+    def done(self, counters: Counters) -> float:
+        """How much of the budget the bar follows is spent."""
         a = self.args
-        done = self.elapsed() if a.minutes is not None else counters.steps if a.steps is not None else counters.episodes
-        return min(int(done), self.total)
+        return self.elapsed() if a.minutes is not None else counters.steps if a.steps is not None else counters.episodes
 
     def budget_left(self, counters: Counters) -> bool:
         a = self.args
         return (counters.episodes < a.episodes and (a.steps is None or counters.steps < a.steps)
                 and (a.minutes is None or self.elapsed() < 60 * a.minutes))
 
-    def measure_speed(self, steps: int) -> None:
-        now = time.time()
-        if now - self.rate_time >= 2.0:
-            self.steps_per_s = (steps - self.rate_steps) / (now - self.rate_time)
-            self.rate_time, self.rate_steps = now, steps
-
-
-# ---- Work beside training: what periodic work needs is taken at the step it is due (the weights, the curve's
-# points, the checkpoint's contents), and the slow part (playing, drawing, compressing, writing) goes on
-# elsewhere while training continues.
-class Beside(threading.Thread):
-    """`work()` on a thread of its own (for work that spends its time outside the GIL: compressing, hashing and
-    writing files); the loop waits for it with `finished` and reports the exception it raised."""
-
-    def __init__(self, work, name: str):
-        super().__init__(name=name, daemon=True)
-        self.work, self.error = work, None
-        # Waited for instead of join(): a join cut short by Ctrl-C marks the thread as ended (CPython 3.11).
-        self.finished = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self.work()
-        except BaseException as e:  # reported by the loop, on its own thread
-            self.error = e
-        finally:
-            self.finished.set()
-
-
-def serve(jobs, results, newest_only: bool) -> None:
-    """A helper process's loop: run each job `(function, arguments)` handed over and hand back `(True, result)`
-    or `(False, error)` (errors are printed instead where there is no `results`); with `newest_only`, only the
-    newest of the jobs waiting. It ends at None, or once the trainer is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the trainer decides
-    parent = multiprocessing.parent_process()
-    while True:
-        try:
-            waiting = [jobs.get(timeout=1.0)]
-        except queue.Empty:
-            if parent is not None and not parent.is_alive():
-                return
-            continue
-        if newest_only:  # the newest job waiting, then the end if it was asked for
-            while True:
-                try:
-                    waiting.append(jobs.get_nowait())
-                except queue.Empty:
-                    break
-            waiting = [job for job in waiting if job is not None][-1:] + [None] * (None in waiting)
-        for job in waiting:
-            if job is None:
-                return
-            work, args = job
-            try:
-                outcome = (True, work(*args))
-            except Exception as e:  # a full disk, a broken video encoder, ...: the trainer reports it and goes on
-                outcome = (False, f"{type(e).__name__}: {e}")
-                if results is None:
-                    print(f"warning: {work.__name__} failed ({outcome[1]})", file=sys.stderr, flush=True)
-            if results is not None:
-                results.put(outcome)
-
-
-class Helper:
-    """A process of its own that runs the jobs handed over while the loop goes on: for work that holds the GIL
-    (matplotlib) or needs cores and seconds of its own (evaluations). Spawned, not forked (a fork of a process
-    holding CUDA or threads is unsafe), at its first job; where it cannot start, `submit` says so and the
-    caller does the work itself."""
-
-    def __init__(self, name: str, newest_only: bool = False, results: bool = True):
-        self.name, self.newest_only, self.with_results = name, newest_only, results
-        self.process = self.jobs = self.results = None
-        self.failed = False
-
-    def submit(self, work, *args) -> bool:
-        if self.process is None and not self.failed:
-            try:
-                spawn = multiprocessing.get_context("spawn")
-                self.jobs = spawn.Queue()
-                self.results = spawn.Queue() if self.with_results else None
-                self.process = spawn.Process(target=serve, args=(self.jobs, self.results, self.newest_only),
-                                             name=self.name, daemon=True)
-                self.process.start()
-            except (OSError, RuntimeError) as e:
-                tqdm.write(f"note: no process could start for the {self.name} ({e}); the training loop does it")
-                self.process, self.failed = None, True
-        if self.process is None:
-            return False
-        self.jobs.put((work, args))
-        return True
-
-    def poll(self, wait: bool = False):
-        """`(True, result)` or `(False, error)` of the oldest job done, or None if none is done yet (with `wait`,
-        wait for it; None if the process has died)."""
-        while True:
-            try:
-                return self.results.get(timeout=1.0) if wait else self.results.get_nowait()
-            except queue.Empty:
-                if not wait or not self.process.is_alive():
-                    return None
-
-    def close(self, timeout: float) -> None:
-        """Let the jobs handed over finish, for at most `timeout` seconds; then end the process."""
-        if self.process is None:
-            return
-        if self.process.is_alive():
-            self.jobs.put(None)
-            self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.process = None
-
-
-def frozen(value):
-    """`value` (tensors, and dicts and lists of them) copied to the CPU, so that training's next steps cannot
-    change it."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: frozen(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(frozen(v) for v in value)
-    return value
-
 
 # ---- The training loop, step by step: act, step the games, store transitions, learn, record, periodic work.
 def act(run: Run, session: Session) -> np.ndarray:
-    """Epsilon-greedy actions for every game, and FIRE wherever a life starts, so that the ball is served."""
-    actions = choose_actions(run.policy_net, run.stack, epsilon(run.counters.steps, session.args),
-                             session.n_actions, run.rng, session.greedy)
-    if session.fire is not None:
-        actions[run.tracking.need_fire] = session.fire
-    return actions
+    """Epsilon-greedy actions for every game, FIRE wherever a life starts."""
+    return choose_actions(run.policy_net, run.stack, epsilon(run.counters.steps, session.args), session.n_actions,
+                          run.rng, run.tracking.need_fire, session.fire, session.greedy)
 
 
 class Outcome(NamedTuple):
-    """One agent step of every game: the replay slot of the state acted on, the rewards to learn from, and
-    per game whether its life ended (the tutorial's episode) and whether its game did."""
+    """One agent step of every game: the replay slot acted on, the rewards to learn from, lives and games that ended."""
     state_slot: int
     rewards: np.ndarray
     done: np.ndarray
@@ -1833,8 +1022,7 @@ class Outcome(NamedTuple):
 
 
 def step_games(run: Run, session: Session) -> Outcome:
-    """Finish the step `send` started: score every game, and put its new frame into the replay memory and its
-    frame stack."""
+    """Finish the step `send` started: score every game, put its new frame into the replay and its stack."""
     args, tracking = session.args, run.tracking
     state_slot = (run.replay.frames_written - 1) % run.replay.slots
     screens, reward, terminated, truncated, lives = run.games.recv()
@@ -1847,6 +1035,8 @@ def step_games(run: Run, session: Session) -> Outcome:
     tracking.lives_lost += life_lost
     tracking.need_fire, tracking.lives = done, lives
     learn_reward = reward if args.no_reward_clipping else np.clip(reward, -1, 1)
+    # The tutorial's quirk: losing a life is learnt as reward -1 for that step (whatever the game scored), and
+    # ends the episode: the bootstrap stops there, though the game goes on.
     learn_reward = np.where(life_lost, -1.0, learn_reward).astype(np.float32)
     frames = preprocess_all(screens, erase_rng(run, args), run.games.screen_lut)
     n = len(frames)  # frames and new-game flags go up together, in one copy
@@ -1875,8 +1065,8 @@ def learn(run: Run, session: Session) -> None:
                 torch.set_num_threads(torch_threads(args, session.device, learning=True))
                 learned = True
             batch = run.replay.sample(args.batch_size, run.sampler)
-            run.learning.add(*td_update(run.policy_net, run.target_net, run.optimizer, batch, args.gamma,
-                                        args.n_step, args.double, session.loss_fn))
+            run.learning.add(td_update(run.policy_net, run.target_net, run.optimizer, batch, args.gamma,
+                                       args.n_step, args.double, session.loss_fn))
             counters.updates += 1
         if count % args.target_every == 0:
             soft_update(run.target_net, run.policy_net, args.tau)
@@ -1887,7 +1077,7 @@ def learn(run: Run, session: Session) -> None:
 def record(run: Run, session: Session, outcome: Outcome) -> None:
     """Count the lives and games that ended, log each finished game, move the progress bar."""
     counters, tracking = run.counters, run.tracking
-    session.measure_speed(counters.steps)
+    session.progress.measure(counters.steps)
     for i in np.flatnonzero(outcome.done):
         counters.episodes += 1
         counters.life_sum += tracking.life_score[i]
@@ -1895,27 +1085,27 @@ def record(run: Run, session: Session, outcome: Outcome) -> None:
         tracking.life_score[i] = 0
     for i in np.flatnonzero(outcome.game_over):
         counters.games += 1
-        loss, mean_q = run.learning.take()
-        if loss is not None:
-            run.history.learning.append([counters.steps, loss, mean_q])
+        learned = run.learning.take()
+        if learned.loss is not None:
+            run.history.learning.append([counters.steps, learned.loss, learned.mean_q])
         score, seconds = float(tracking.game_score[i]), session.elapsed()
         run.history.games.append([counters.steps, seconds, score])  # the real score, before clipping
         session.log.row(kind="game", step=counters.steps, seconds=seconds, episode=counters.episodes, score=score,
                         lives_lost=int(tracking.lives_lost[i]), epsilon=epsilon(counters.steps, session.args),
-                        loss=loss, mean_q=mean_q, steps_per_s=session.steps_per_s,
+                        loss=learned.loss, mean_q=learned.mean_q, steps_per_s=session.progress.steps_per_s,
                         replay_fill=len(run.replay) / session.args.memory)
         tracking.game_score[i], tracking.lives_lost[i] = 0, 0
-    session.bar.update(session.progress(counters) - session.bar.n)
+    postfix = {}
     if outcome.done.any():
         recent = run.history.games.array[-100:, 2]
-        session.bar.set_postfix(score=f"{np.mean(recent):.1f}" if len(recent) else "-",
-                                eps=f"{epsilon(counters.steps, session.args):.3f}",
-                                sps=f"{session.steps_per_s:.0f}", refresh=False)
+        postfix = dict(score=f"{np.mean(recent):.1f}" if len(recent) else "-",
+                       eps=f"{epsilon(counters.steps, session.args):.3f}", sps=f"{session.progress.steps_per_s:.0f}")
+    session.progress.show(session.done(counters), **postfix)
 
 
 def periodic_work(run: Run, session: Session) -> None:
-    """Snapshots, the curve, evaluations and full checkpoints, each when it is due; the last three hand their
-    slow part to work beside training."""
+    """Snapshots, curve, evaluations and full checkpoints when due; the last three take their inputs now and play,
+    draw or write beside training."""
     counters, run_dir = run.counters, session.run_dir
     for episode in run.snapshots.passed(counters.episodes):
         save_snapshot(run.target_net, run_dir / f"{episode}.pth")
@@ -1927,21 +1117,20 @@ def periodic_work(run: Run, session: Session) -> None:
         collect_evaluation(run, session)
     if run.evaluations.passed(counters.steps):
         start_evaluation(run, session)
-    if session.checkpoints.passed(session.seconds()):
+    if session.checkpoint_due.passed(session.seconds()):
         save_full_checkpoint(run, session)
 
 
 def draw_curve_beside(run: Run, session: Session, here: bool = False) -> None:
     """Hand curve.png's points to the curve's process (or, `here` or if it could not start, draw them now)."""
-    path, data = session.run_dir / "curve.png", curve_data(run.history)
+    path, data = session.run_dir / "curve.png", run.history.curve_data()
     if here or not session.curves.submit(draw_curve, path, data, session.args.env):
         draw_curve(path, data, session.args.env)
 
 
 def start_evaluation(run: Run, session: Session) -> None:
-    """The policy's weights as they are at this step, to be played by --eval-games games. When the previous
-    evaluation is still playing beside training, this one is skipped: waiting for it would stop training, the
-    thing evaluations beside training are for, and the next due point comes soon enough."""
+    """The policy's weights now, for --eval-games games; skipped while the last one still plays (waiting would stop
+    training)."""
     counters = run.counters
     if run.evaluating.step is not None:
         tqdm.write(f"note: the evaluation due at step {counters.steps} is skipped: the one of step "
@@ -1953,18 +1142,9 @@ def start_evaluation(run: Run, session: Session) -> None:
     play_evaluation(run, session)
 
 
-def evaluation_settings(run: Run, session: Session) -> tuple:
-    """evaluate()'s arguments after the network, for the evaluation `run.evaluating` holds."""
-    args, number, step = session.args, run.evaluating.number, run.evaluating.step
-    video = str(session.run_dir / "videos" / f"eval-{step:012d}.mp4") if args.capture_video else None
-    return args.env, args.eval_games, args.eval_eps, args.frames, session.device, args.seed + 7919 * number, video
-
-
 def evaluate_weights(weights: dict, env_id: str, games: int, eps: float, depth: int, device: torch.device,
                      seed: int, video: Optional[str], threads: Optional[int] = None) -> dict:
-    """evaluate() of the network `weights` hold. In the evaluations' process (`threads` given): `threads`
-    threads step the games, not pinned to the cores training's games are pinned to, and one thread runs torch,
-    as in training's acting."""
+    """evaluate() of `weights`; in the evaluations' process (`threads` given): unpinned games, one torch thread."""
     if threads is not None:
         torch.set_num_threads(1)
     with torch.device("meta"):  # no initial weights drawn: no draw from torch's generator, nothing to fill twice
@@ -1975,12 +1155,14 @@ def evaluate_weights(weights: dict, env_id: str, games: int, eps: float, depth: 
 
 
 def play_evaluation(run: Run, session: Session) -> None:
-    """Hand the evaluation `run.evaluating` holds to the evaluations' process; with evaluations in the loop, or
-    where that process cannot start, play it here and now."""
-    settings, weights = evaluation_settings(run, session), run.evaluating.weights
+    """Hand `run.evaluating` to the evaluations' process; in the loop, or where it cannot start, play it now."""
+    args, number, step = session.args, run.evaluating.number, run.evaluating.step
+    video = str(session.run_dir / "videos" / f"eval-{step:012d}.mp4") if args.capture_video else None
+    settings = (run.evaluating.weights, args.env, args.eval_games, args.eval_eps, args.frames, session.device,
+                args.seed + 7919 * number, video)
     threads = max(2, (os.cpu_count() or 1) // EVAL_BESIDE_CORES)
-    if not (session.eval_beside and session.evaluations.submit(evaluate_weights, weights, *settings, threads)):
-        record_evaluation(run, session, evaluate_weights(weights, *settings))
+    if not (session.switches.eval_beside and session.evaluations.submit(evaluate_weights, *settings, threads)):
+        record_evaluation(run, session, evaluate_weights(*settings))
 
 
 def collect_evaluation(run: Run, session: Session, wait: bool = False) -> None:
@@ -1997,16 +1179,14 @@ def collect_evaluation(run: Run, session: Session, wait: bool = False) -> None:
 
 
 def record_evaluation(run: Run, session: Session, result: dict) -> None:
-    """Log an evaluation against the step its weights were taken at; keep the best weights as best.pth; announce
-    the first cleared wall."""
+    """Log an evaluation at its weights' step, keep the best as best.pth, announce the first cleared wall."""
     args, counters, log = session.args, run.counters, session.log
     step, seconds = run.evaluating.step, run.evaluating.seconds
     run.history.evals.append([step, seconds, result["mean"], result["max"], result["cleared"]])
     log.row(kind="eval", step=step, seconds=seconds, episode=run.evaluating.episode, score=result["mean"],
             epsilon=args.eval_eps)
-    if log.tb is not None:
-        log.tb.add_scalar("eval/max", result["max"], step)
-        log.tb.add_scalar("eval/games_clearing_the_wall", result["cleared"], step)
+    log.scalar("eval/max", result["max"], step)
+    log.scalar("eval/games_clearing_the_wall", result["cleared"], step)
     message = (f"evaluation at step {step}: mean {result['mean']:.1f}, max {result['max']:.0f}, "
                f"{result['cleared']}/{args.eval_games} cleared the wall")
     if counters.best_eval is None or result["mean"] > counters.best_eval:
@@ -2017,70 +1197,24 @@ def record_evaluation(run: Run, session: Session, result: dict) -> None:
     if result["cleared"] and counters.first_clear is None:
         counters.first_clear = [step, seconds]
         tqdm.write(f"WALL CLEARED for the first time: agent step {step}, {seconds / 60:.1f} minutes into the run")
-        if log.tb is not None:
-            log.tb.add_scalar("eval/first_wall_clear_minutes", seconds / 60, step)
+        log.scalar("eval/first_wall_clear_minutes", seconds / 60, step)
     run.evaluating = PendingEvaluation()
 
 
 def save_full_checkpoint(run: Run, session: Session, beside: bool = True) -> None:
-    """resume/<step>/ from the run's state at this step, written beside training: what training changes in place
-    is copied now (not the replay frames, which a RingSnapshot keeps), the rest goes on on a thread. One save
-    at a time: a save still being written is waited for first. Where the copies would not fit in the available
-    RAM, the checkpoint is written while training waits. A failed save keeps the previous checkpoint and
-    training goes on."""
-    wait_for_save(session)
-    started = time.time()
-    run.counters.seconds = session.elapsed()
-    root, name = session.run_dir / "resume", f"{run.counters.steps:012d}"
-    tensors, arrays, values = checkpoint_files(run)
-    # Arrays training writes again; read-only ones (the history's rows so far) and the frames it does not.
-    changing = {k: a for k, a in arrays.items() if isinstance(a, np.ndarray) and a.flags.writeable}
-    needed = sum(a.nbytes for a in changing.values())
-    if beside and needed >= 0.5 * psutil.virtual_memory().available:
-        beside = False
-        if not session.said_saves_inline:
-            session.said_saves_inline = True
-            tqdm.write(f"note: a copy of the run's state ({needed / 2**30:.1f} GiB) does not fit in the available "
-                       "RAM, so checkpoints are written while training waits")
-    if not beside:
-        write_full_checkpoint(root, name, tensors, arrays, values, session.args.keep_checkpoints, started)
-        return
-    tensors, values = frozen(tensors), json.loads(json.dumps(values))
-    arrays = {**arrays, **{k: a.copy() for k, a in changing.items()}}
-    session.saving = Beside(lambda: write_full_checkpoint(root, name, tensors, arrays, values,
-                                                          session.args.keep_checkpoints, started), "checkpoint")
-    session.saving.start()
-
-
-def write_full_checkpoint(root: Path, name: str, tensors: dict, arrays: dict, values: dict, keep: int,
-                          started: float) -> None:
-    try:
-        folder = save_checkpoint(root, name, tensors, arrays, values, keep=keep)
-    except OSError as e:
-        earlier = bool(checkpoint_folders(root))
-        tqdm.write(f"warning: could not write a checkpoint ({e.strerror or e}); " +
-                   ("the previous one is kept and training goes on" if earlier else
-                    "there is no earlier one, so this run cannot be resumed yet; training goes on"))
-        return
-    size = sum(f.stat().st_size for f in folder.iterdir())
-    tqdm.write(f"checkpoint: {folder} ({size / 1e6:.1f} MB in {time.time() - started:.1f} s)")
-
-
-def wait_for_save(session: Session) -> None:
-    """Wait for the checkpoint being written beside training, if any (a wait cut short by a second Ctrl-C
-    leaves it there, for train()'s last wait)."""
-    saving = session.saving
-    if saving is not None:
-        saving.finished.wait()
-        session.saving = None
-        if saving.error is not None:
-            tqdm.write(f"warning: could not write a checkpoint ({type(saving.error).__name__}: {saving.error})")
+    """resume/<step>/ from the run's state at this step, written beside training (plumbing.Checkpoints)."""
+    counters = run.counters
+    counters.seconds = session.elapsed()
+    summary = dict(step=counters.steps, episode=counters.episodes, games=counters.games, updates=counters.updates,
+                   minutes=round(counters.seconds / 60, 2), env=session.args.env,
+                   args=dataclasses.asdict(session.args))
+    session.checkpoints.save(run, f"{counters.steps:012d}", summary, beside)
 
 
 def finish(run: Run, session: Session) -> None:
     """The last evaluation's result, snapshot and curve when the budget is spent, a full checkpoint (holding an
     evaluation still playing when the run was stopped, to be played again on resume), and how to go on."""
-    session.bar.close()
+    session.progress.close()
     counters, run_dir = run.counters, session.run_dir
     spent = not session.budget_left(counters)
     if run.evaluating.step is not None:  # the run's last result is waited for; a stopped run saves it to replay
@@ -2092,7 +1226,7 @@ def finish(run: Run, session: Session) -> None:
     if spent:
         save_snapshot(run.target_net, run_dir / f"{counters.episodes}.pth")
         # Training is over: a process is started for this last curve only if one is running already.
-        draw_curve_beside(run, session, here=session.curves.process is None)
+        draw_curve_beside(run, session, here=session.curves.pool is None)
     save_full_checkpoint(run, session, beside=False)
     session.curves.close(timeout=120)
     session.log.close()
@@ -2108,7 +1242,7 @@ def finish(run: Run, session: Session) -> None:
 def train(args: Args, given: set) -> dict:
     """Train until the budget is spent or a stop is asked for; returns the counters and a few figures."""
     check_args(args)
-    args, run_dir, checkpoint = prepare_run(args, given)
+    args, run_dir, checkpoint = find_run(args, given)
     device = pick_device(args.device)
     torch.set_num_threads(torch_threads(args, device, learning=False))
     if device.type == "cuda":  # TF32 for float32 matrix products (convolutions use it by default)
@@ -2117,15 +1251,17 @@ def train(args: Args, given: set) -> dict:
     replay_bytes = ReplayMemory.bytes_needed(args.memory, args.envs, args.frames, args.steps_per_transition,
                                              args.n_step)
     check_memory_fits(replay_bytes, device)
-    print(describe(args, device, replay_bytes), flush=True)
+    print(describe(args, device=device, replay_memory=f"{replay_bytes / 2**30:.2f} GiB on {device} "
+                   f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)"), flush=True)
     resumed = checkpoint is not None
-    open_run_folder(run_dir, args, len(games.actions), new=not resumed)
+    config = dict(env=args.env, frames=args.frames, n_actions=len(games.actions), args=dataclasses.asdict(args))
+    open_run_folder(run_dir, None if resumed else config)
     run = new_run(args, device, games)
     if resumed:
         restore(run, checkpoint, args, given)
     else:
         start_games(run, args)
-    del checkpoint  # an older one maps its .npy files: Windows could not delete its folder when it rotates out
+    del checkpoint  # its arrays are in the run now
     session = Session(args, run_dir, device, run, resumed)
     try:
         if run.evaluating.step is not None:  # it was playing beside training when the checkpoint was taken
@@ -2135,37 +1271,23 @@ def train(args: Args, given: set) -> dict:
         while session.budget_left(run.counters) and session.stop.signal is None:
             actions = act(run, session)
             run.games.send(actions)
-            if session.overlap:  # the last step's updates, while the emulator's threads play this one
+            if session.switches.overlap:  # the last step's updates, while the emulator's threads play this one
                 learn(run, session)
             outcome = step_games(run, session)
             store_transitions(run, actions, outcome)
-            if not session.overlap:
+            if not session.switches.overlap:
                 learn(run, session)
             record(run, session, outcome)
             periodic_work(run, session)
         summary = dict(dataclasses.asdict(run.counters), session_seconds=session.seconds(),
                        replay_bytes=replay_bytes, run_dir=str(run_dir))
         finish(run, session)
-    finally:  # also after a second Ctrl-C: the checkpoint being written is finished, the curve process ended
-        wait_for_save(session)
+    finally:  # also after a second Ctrl-C: the checkpoint being written is finished, the helpers ended
+        session.checkpoints.wait()
         session.curves.close(timeout=5)
         session.evaluations.close(timeout=0)
         session.stop.restore()
     return summary
-
-
-def run_command(body, interrupted: str) -> int:
-    """Exit status of a command (this file's and play.py's): 0 done, 2 bad input (one line on stderr, no
-    traceback), 130 interrupted (the line `interrupted` on stderr)."""
-    try:
-        body()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
-    return 0
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import plumbing  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 
@@ -89,14 +90,15 @@ def main() -> None:
     try:
         start = time.perf_counter()
         with PeakRSS() as saving:
-            folder = tb.save_checkpoint(root / "resume", "000000000001", *tb.checkpoint_files(run))
+            folder = plumbing.save_checkpoint(root / "resume", "000000000001", *plumbing.state_files(run), {})
         save_s = time.perf_counter() - start
         size = sum(f.stat().st_size for f in folder.iterdir())
         drop_cache(folder)
         start = time.perf_counter()
-        parts = tb.parts_of(*tb.load_checkpoint(folder))
+        state, arrays, _ = plumbing.load_checkpoint(folder)
         fresh = tb.ReplayMemory(a.memory, a.envs, 6, 6, torch.device("cpu"))
-        fresh.load_state_dict(parts["replay"])
+        fresh.load_state_dict({**state["replay"], **{k[len("replay."):]: v for k, v in arrays.items()
+                                                     if k.startswith("replay.")}})
         load_s = time.perf_counter() - start
         assert torch.equal(fresh.frames, replay.frames)
 

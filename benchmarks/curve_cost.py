@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import plumbing  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 
@@ -25,10 +26,10 @@ def history_of(games: int) -> tb.History:
     rng, history = np.random.default_rng(0), tb.History()
     steps = np.cumsum(rng.integers(100, 3000, games))
     scores = rng.integers(0, 400, games).astype(float)
-    history.games = tb.Rows(3, np.column_stack([steps, steps / 5000, scores]))
-    history.learning = tb.Rows(3, np.column_stack([steps, rng.random(games), rng.random(games)]))
-    history.lives = tb.Rows(3, np.column_stack([steps[::500], np.arange(0, games, 500) * 5, scores[::500]]))
-    history.evals = tb.Rows(5, np.column_stack([steps[::2000], steps[::2000] / 5000, scores[::2000],
+    history.games = plumbing.Rows(3, np.column_stack([steps, steps / 5000, scores]))
+    history.learning = plumbing.Rows(3, np.column_stack([steps, rng.random(games), rng.random(games)]))
+    history.lives = plumbing.Rows(3, np.column_stack([steps[::500], np.arange(0, games, 500) * 5, scores[::500]]))
+    history.evals = plumbing.Rows(5, np.column_stack([steps[::2000], steps[::2000] / 5000, scores[::2000],
                                                 scores[::2000], np.zeros(len(steps[::2000]))]))
     return history
 
@@ -42,10 +43,10 @@ def main() -> None:
         for games in a.games:
             history = history_of(games)
             started = time.perf_counter()
-            data = tb.curve_data(history)
+            data = history.curve_data()
             handing = time.perf_counter() - started
             started = time.perf_counter()
-            tb.draw_curve(Path(tmp) / "curve.png", data, "ALE/Breakout-v5")
+            plumbing.draw_curve(Path(tmp) / "curve.png", data, "ALE/Breakout-v5")
             drawing = time.perf_counter() - started
             print(f"{games:>12,} | {handing:>15.3f} | {drawing:>10.3f}")
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import plumbing  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 
@@ -121,7 +122,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=int, default=256)
     a = p.parse_args()
-    device = tb.pick_device(a.device)
+    device = plumbing.pick_device(a.device)
     cuda = device.type == "cuda"
     steps = a.steps or (200_000 if cuda else 20_000)
     tutorial_on, tutorial_updates = float("nan"), "-"

@@ -12,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import plumbing  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 
@@ -53,8 +54,8 @@ def test_with_learning_off_the_overlapped_loop_plays_and_stores_what_the_strict_
         tb.train(*tb.parse_args(["--checkpoints", str(run), "--overlap", overlap, "--envs", "4", "--steps", "1200",
                                  "--memory", "200", "--batch-size", "32", "--learn-start", "1000000", "--seed", "5", "--device", "cpu",
                                  "--threads", "1", "--eval-every", "0", "--save-every", "20"]))
-    (a, arrays_a, values_a), (b, arrays_b, values_b) = (
-        (folder, *tb.load_checkpoint(folder)[1:]) for folder in (sorted((r / "resume").iterdir())[-1]
+    (a, (values_a, arrays_a, _)), (b, (values_b, arrays_b, _)) = (
+        (folder, plumbing.load_checkpoint(folder)) for folder in (sorted((r / "resume").iterdir())[-1]
                                                                   for r in runs.values()))
     assert a.name == b.name == f"{1200:012d}"
     assert sorted(arrays_a) == sorted(arrays_b)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import plumbing  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 RECIPE = ["--envs", "1", "--seed", "3", "--memory", "300", "--batch-size", "32", "--learn-start", "100",
@@ -58,18 +58,15 @@ def test_a_run_trains_saves_and_resumes(tmp_path, monkeypatch, in_process, capsy
 
     # The memory check still refuses what cannot fit.
     with pytest.raises(tb.UserError, match="lower --memory"):
-        tb.check_memory_fits(2**60, torch.device("cpu"))
-    tb.check_memory_fits(2**20, torch.device("cpu"))
+        plumbing.check_memory_fits(2**60, torch.device("cpu"))
+    plumbing.check_memory_fits(2**20, torch.device("cpu"))
 
 
-def test_on_windows_a_run_resumed_from_an_older_checkpoint_keeps_none_of_its_files_mapped(tmp_path, monkeypatch,
-                                                                                          in_process):
-    """Checkpoints written before compression are read through memory maps; Windows cannot delete a mapped
-    file, so a run that kept them mapped could never rotate that checkpoint out."""
+def test_on_windows_a_resumed_run_keeps_none_of_its_checkpoint_files_mapped(tmp_path, monkeypatch, in_process):
+    """Windows cannot delete a mapped file, so a run that kept its checkpoint's files mapped could never rotate
+    that checkpoint out."""
     run = tmp_path / "run"
-    legacy = subprocess.run([sys.executable, str(ROOT / "tests" / "legacy" / "train_breakout_115c5ab.py"),
-                             "--checkpoints", str(run), *RECIPE, "--steps", "200"], capture_output=True, text=True)
-    assert legacy.returncode == 0, legacy.stderr[-2000:]
+    tb.train(*tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "200"]))
     as_windows(monkeypatch)
     mapped, periodic_work = [], tb.periodic_work
 
@@ -89,7 +86,7 @@ def test_ctrl_break_on_windows_asks_for_a_stop_as_ctrl_c_does(monkeypatch):
     # SIGUSR1 stands in for Windows's SIGBREAK, which Linux does not have.
     monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)
-    stop = tb.StopRequest()
+    stop = plumbing.StopRequest()
     try:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.signal == "SIGUSR1"

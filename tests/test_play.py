@@ -222,6 +222,9 @@ class ScriptedGame:
         lives = self.lives[0] if over else self.lives[self.t]
         return self.frame(), np.array([1.0], np.float32), np.array([over]), np.array([False]), np.array([lives])
 
+    def fire_swallowed(self, fire: int) -> np.ndarray:
+        return np.array([self.held != self.actions[fire]])
+
 
 class NoopPolicy(nn.Module):
     """Always prefers NOOP; keeps every input it is given."""
@@ -265,6 +268,16 @@ def test_a_fire_swallowed_by_sticky_actions_is_pressed_again():
     play.play_game(NoopPolicy(), game, *game.reset(), argparse.Namespace(max_steps=100, eps=0.0),
                    np.random.default_rng(0), None, None)
     assert game.received == [1, 1, 0, 1, 1, 1, 0]  # again after each FIRE the emulator never applied
+
+
+def test_an_evaluation_presses_a_swallowed_fire_again_as_play_does(monkeypatch):
+    """Training, evaluation and play choose actions and press FIRE through one function: an evaluation game whose
+    FIRE sticky actions swallowed does not wait with the ball unserved."""
+    game = ScriptedGame([3, 3, 3, 2, 2, 2, 2, 0, 3], swallowed=(0, 3, 4))
+    game.close = lambda: None
+    monkeypatch.setattr(tb, "make_games", lambda *a, **k: game)
+    result = tb.evaluate(NoopPolicy(), "ALE/Breakout-v5", 1, 0.0, 6, torch.device("cpu"), seed=0)
+    assert game.received == [1, 1, 0, 1, 1, 1, 0] and result["lengths"] == [7]
 
 
 def test_max_steps_ends_the_game_and_starts_a_fresh_one():

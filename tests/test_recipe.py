@@ -15,6 +15,8 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import plumbing  # noqa: E402
+import play  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 
@@ -63,7 +65,7 @@ def run_scripted(tmp_path, monkeypatch, rewards, lives, *flags):
                                  "--eval-every", "0", "--steps", str(len(rewards)), "--device", "cpu", *flags])
     tb.train(args, given)
     ckpt = sorted((tmp_path / "run" / "resume").iterdir())[-1]
-    arrays = tb.load_checkpoint(ckpt)[1]
+    arrays = plumbing.load_checkpoint(ckpt)[1]
     stored = {k: np.asarray(arrays[f"replay.{k}"]) for k in ("slot", "action", "reward", "has_next")}
     return game, stored
 
@@ -177,5 +179,5 @@ def test_a_short_fast_run_trains_and_saves(tmp_path):
     updates = int(p.stdout.split(" updates in")[0].split()[-1])
     assert updates >= (2400 - 300) // 8 - 10
     snapshot = next(run.glob("[0-9]*.pth"))
-    assert tb.load_network(str(snapshot), torch.device("cpu")) is not None
+    assert play.load_network(str(snapshot), torch.device("cpu")) is not None
     assert (run / "best.pth").exists()

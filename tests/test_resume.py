@@ -16,6 +16,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import play  # noqa: E402
+import plumbing  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 # Learning from the 100th stored transition, a small memory that wraps, an evaluation and a snapshot on the
@@ -59,25 +61,35 @@ def score_rows(run: Path) -> list:
         return [(r["kind"], r["step"], r["episode"], r["score"], r["loss"], r["mean_q"]) for r in csv.DictReader(f)]
 
 
+def counters(checkpoint: Path) -> dict:
+    return plumbing.load_checkpoint(checkpoint)[0]["counters"]
+
+
+def assert_same_state(a, b, where: str = "state") -> None:
+    """Two checkpoints' state.pt contents agree: every tensor bit for bit, every other value exactly."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    else:
+        assert a == b, f"{where} differs"
+
+
 def assert_same_run(straight: Path, stopped: Path) -> None:
     """The two runs' last checkpoints, logs and snapshots agree bit for bit (wall-clock times aside)."""
     a, b = final_checkpoint(straight), final_checkpoint(stopped)
     assert a.name == b.name
-    ta, tb_ = (torch.load(x / "model.pt", weights_only=True) for x in (a, b))
-    for net in ("policy_net", "target_net"):
-        for k in ta[net]:
-            assert torch.equal(ta[net][k], tb_[net][k]), f"{net}.{k} differs"
-    assert torch.equal(ta["sampler"]["state"], tb_["sampler"]["state"])
-    (_, xa, _), (_, xb, _) = tb.load_checkpoint(a), tb.load_checkpoint(b)
+    (sa, xa, _), (sb, xb, _) = plumbing.load_checkpoint(a), plumbing.load_checkpoint(b)
+    sa["counters"].pop("seconds"), sb["counters"].pop("seconds")
+    assert_same_state(sa, sb)
     assert sorted(xa) == sorted(xb)
     for name in sorted(xa):
         x, y = np.asarray(xa[name]), np.asarray(xb[name])
         if name in ("history.games", "history.evals"):
             x, y = np.delete(x, 1, axis=1), np.delete(y, 1, axis=1)  # column 1 is wall-clock seconds
         assert np.array_equal(x, y), f"{name} differs"
-    sa, sb = (json.loads((x / "state.json").read_text()) for x in (a, b))
-    sa["counters"].pop("seconds"), sb["counters"].pop("seconds")
-    assert sa == sb
     assert score_rows(straight) == score_rows(stopped)
     assert (stopped / "20.pth").read_bytes() == (straight / "20.pth").read_bytes()
 
@@ -87,9 +99,10 @@ def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     train(straight, "--steps", "3000")
     assert final_checkpoint(straight).name == f"{3000:012d}"
     # Every field of the run's state is in its checkpoint, saved without being named anywhere else.
-    parts = tb.parts_of(*tb.load_checkpoint(final_checkpoint(straight)))
-    assert set(parts) == {f.name for f in dataclasses.fields(tb.Run)}
-    assert tb.load_network(str(straight / "best.pth"), torch.device("cpu")) is not None
+    state, arrays, manifest = plumbing.load_checkpoint(final_checkpoint(straight))
+    assert set(state) | {key.split(".")[0] for key in arrays} == {f.name for f in dataclasses.fields(tb.Run)}
+    assert manifest["format"] == 1 and manifest["summary"]["step"] == 3000
+    assert play.load_network(str(straight / "best.pth"), torch.device("cpu")) is not None
 
     # A cluster's scheduler: the same command line, stopped by SIGTERM twice and run a third time. Each time
     # the run finishes its step, saves and says how to go on; the third ends where the uninterrupted run did.
@@ -126,12 +139,12 @@ def test_ctrl_c_saves_and_resume_extends_a_finished_run(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "stopped by SIGINT" in out and "python train_breakout.py --resume" in out
-    stopped_at = json.loads((final_checkpoint(run) / "state.json").read_text())["counters"]["episodes"]
+    stopped_at = counters(final_checkpoint(run))["episodes"]
 
     # A finished run goes on when given a larger budget; flags that only say how long are accepted.
     p = train(run, "--resume", "--envs", "2", "--episodes", str(stopped_at + 10))
     assert "start afresh" in p.stdout  # the vector environment cannot save its games, and says so
-    episodes = json.loads((final_checkpoint(run) / "state.json").read_text())["counters"]["episodes"]
+    episodes = counters(final_checkpoint(run))["episodes"]
     assert stopped_at + 10 <= episodes <= stopped_at + 12
     assert (run / f"{episodes}.pth").exists()
     assert not list(run.rglob(".*tmp*")), "temporary files were left behind"
@@ -143,7 +156,7 @@ def test_keep_checkpoints_keeps_the_newest(tmp_path, monkeypatch):
     args, given = tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "30", "--checkpoint-minutes",
                                  "0.000001", "--keep-checkpoints", "3"])
     tb.train(args, given)
-    kept = [int(p.name) for p in tb.checkpoint_folders(run / "resume")]
+    kept = [int(p.name) for p in plumbing.checkpoint_folders(run / "resume")]
     assert len(kept) == 3 and kept[-1] == 30 and kept == sorted(kept)
 
 
@@ -186,8 +199,8 @@ def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     time.sleep(0.3)
     proc.kill()
     proc.communicate()
-    folder, (tensors, arrays, state) = tb.latest_checkpoint(run)
-    assert "policy_net" in tensors and "replay.frames" in arrays
+    folder, (state, arrays, _) = plumbing.latest_checkpoint(run)
+    assert "policy_net" in state and "replay.frames" in arrays
     p = train(run, "--resume", "--steps", str(state["counters"]["steps"] + 60))
     assert f"agent step {state['counters']['steps']}" in p.stdout
     assert not list((run / "resume").glob(".tmp-*")), "a killed save's temporary folder was left behind"
@@ -197,15 +210,15 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tmp_pa
     run = tmp_path / "run"
     args, given = tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "200"])
     tb.train(args, given)
-    real_save = tb.save_array
+    real_save = plumbing.save_array
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tb, "save_array", disk_full)
+    monkeypatch.setattr(plumbing, "save_array", disk_full)
     args, given = tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "400", "--resume"])
     summary = tb.train(args, given)
-    monkeypatch.setattr(tb, "save_array", real_save)
+    monkeypatch.setattr(plumbing, "save_array", real_save)
     assert summary["steps"] == 400
     out = capsys.readouterr().out
     assert "could not write a checkpoint (No space left on device); the previous one is kept" in out
@@ -213,10 +226,10 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tmp_pa
     assert not list((run / "resume").glob(".tmp-*"))
 
     # With no checkpoint before it, the warning says the run cannot be resumed yet.
-    monkeypatch.setattr(tb, "save_array", disk_full)
+    monkeypatch.setattr(plumbing, "save_array", disk_full)
     args, given = tb.parse_args(["--checkpoints", str(tmp_path / "new"), *RECIPE, "--steps", "50"])
     tb.train(args, given)
-    monkeypatch.setattr(tb, "save_array", real_save)
+    monkeypatch.setattr(plumbing, "save_array", real_save)
     out = capsys.readouterr().out
     assert "there is no earlier one, so this run cannot be resumed yet" in out and "previous one is kept" not in out
 
@@ -247,36 +260,17 @@ def test_a_restored_game_plays_on_exactly_as_the_saved_one():
                 assert np.array_equal(x, y), f"the restored game differs after restore {point}"
 
 
-LEGACY = ROOT / "tests" / "legacy" / "train_breakout_115c5ab.py"
-
-
-def train_legacy(run: Path, *flags: str) -> None:
-    p = subprocess.run([sys.executable, str(LEGACY), "--checkpoints", str(run), *flags], capture_output=True,
-                       text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert (final_checkpoint(run) / "replay_frames.npy").exists()  # the layout that version wrote
-
-
-def test_a_run_checkpointed_by_the_previous_version_resumes_exactly(tmp_path):
-    """A run in progress whose full checkpoint the trainer of commit 115c5ab wrote goes on with this one and
-    ends, bit for bit, where an uninterrupted run ends; stopped in the middle of a game, while learning."""
-    straight, older = tmp_path / "straight", tmp_path / "older"
-    train(straight, "--steps", "1000")
-    train_legacy(older, *RECIPE, "--steps", "700")
-    resumed = train(older, "--resume", "--steps", "1000")
-    assert "agent step 700" in resumed.stdout and "afresh" not in resumed.stdout
-    assert_same_run(straight, older)
-
-
-def test_a_vector_run_checkpointed_by_the_previous_version_resumes(tmp_path):
+def test_a_checkpoint_of_another_format_is_refused_in_one_line_that_says_what_reads_it(tmp_path):
+    """Checkpoints carry a format version. One written during development, before format 1 (its manifest.json
+    lists the files and nothing else), is refused with the commit that reads it; so is one of a newer format."""
     run = tmp_path / "run"
-    flags = ["--envs", "2", "--recipe", "fast", "--memory", "400", "--learn-start", "100", "--eval-every", "0",
-             "--device", "cpu", "--threads", "1", "--seed", "2"]
-    train_legacy(run, *flags, "--steps", "300")
-    before = json.loads((final_checkpoint(run) / "state.json").read_text())["counters"]
-    p = subprocess.run([sys.executable, str(ROOT / "train_breakout.py"), "--checkpoints", str(run), "--resume",
-                        "--steps", "500"], capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert f"episode {before['episodes']}, agent step 300" in p.stdout and "start afresh" in p.stdout
-    after = json.loads((final_checkpoint(run) / "state.json").read_text())["counters"]
-    assert after["steps"] == 500 and after["updates"] > before["updates"] and after["episodes"] > before["episodes"]
+    train(run, "--steps", "200")
+    manifest_path = final_checkpoint(run) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for written, expected in ((manifest["files"], "git checkout b8244e0"), ({**manifest, "format": 2}, "format 2")):
+        manifest_path.write_text(json.dumps(written))
+        p = subprocess.run([sys.executable, str(ROOT / "train_breakout.py"), "--checkpoints", str(run), "--resume",
+                            "--steps", "400"], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and expected in p.stderr, p.stderr[-2000:]
+    manifest_path.write_text(json.dumps(manifest))  # format 1 again: it resumes
+    assert "agent step 200" in train(run, "--resume", "--steps", "400").stdout

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_breakout.py"
 sys.path.insert(0, str(ROOT))
+import play  # noqa: E402
+import plumbing  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -388,7 +390,7 @@ def test_the_tutorials_transition_rule_on_a_scripted_game(tmp_path, monkeypatch,
     assert {games.received[t] for t in range(len(SCRIPT_STEPS)) if t not in FIRE_STEPS} - {1} != set()
 
     checkpoint = sorted((run / "resume").iterdir())[-1]
-    arrays = {k[len("replay."):]: np.asarray(v) for k, v in tb.load_checkpoint(checkpoint)[1].items()
+    arrays = {k[len("replay."):]: np.asarray(v) for k, v in plumbing.load_checkpoint(checkpoint)[1].items()
               if k.startswith("replay.")}
     stored = list(zip(arrays["slot"].tolist(), arrays["action"].tolist(), arrays["reward"].tolist(),
                       arrays["has_next"].tolist()))
@@ -400,7 +402,7 @@ def test_the_tutorials_transition_rule_on_a_scripted_game(tmp_path, monkeypatch,
     # What the replay memory rebuilds is what the agent saw: the state at the block's first step, and the
     # state one step later as next state.
     memory = tb.ReplayMemory(500, 1, 6, 6, CPU)
-    memory.load_state_dict({**arrays, **json.loads((checkpoint / "state.json").read_text())["replay"]})
+    memory.load_state_dict({**arrays, **plumbing.load_checkpoint(checkpoint)[0]["replay"]})
     slots = torch.tensor(arrays["slot"])
     zeros = torch.zeros_like(slots)
     states, next_states = memory.stacks(zeros, slots)
@@ -506,19 +508,19 @@ def test_a_tutorial_state_dict_loads_and_ours_loads_into_the_tutorials_network(t
     torch.manual_seed(1)
     theirs = TutorialDQN().eval()
     torch.save(theirs.state_dict(), tmp_path / "tutorial.pth")
-    ours = tb.load_network(str(tmp_path / "tutorial.pth"), CPU)
+    ours = play.load_network(str(tmp_path / "tutorial.pth"), CPU)
     assert not ours.training  # eval mode
     x = torch.rand(2, 6, 84, 84)
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs(x), atol=1e-5)
 
-    tb.save_snapshot(tb.DuelingNetwork(6, 4), tmp_path / "ours.pth")
+    plumbing.save_snapshot(tb.DuelingNetwork(6, 4), tmp_path / "ours.pth")
     TutorialDQN().load_state_dict(torch.load(tmp_path / "ours.pth", weights_only=True))  # strict
 
 
 def test_load_network_takes_frames_and_actions_from_the_weights(tmp_path):
     torch.save(TutorialDQN(in_channels=4, n_actions=18).state_dict(), tmp_path / "four.pth")
-    net = tb.load_network(str(tmp_path / "four.pth"), CPU)
+    net = play.load_network(str(tmp_path / "four.pth"), CPU)
     assert net.conv1.weight.shape[1] == 4 and net(torch.rand(1, 4, 84, 84)).shape == (1, 18)
 
 
@@ -538,7 +540,7 @@ def test_load_network_refuses_another_architecture_with_a_user_error(tmp_path, d
     else:
         torch.save(state, path)
     with pytest.raises(tb.UserError) as e:
-        tb.load_network(str(path), CPU)
+        play.load_network(str(path), CPU)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
@@ -569,10 +571,16 @@ def test_choose_actions_is_greedy_at_epsilon_0_and_uniform_at_1():
         greedy = net(stacks.float() / 255).argmax(1).numpy()
     stack, two = tb.FrameStack(64, 6, CPU), tb.FrameStack(2, 6, CPU)
     stack.load_state_dict({"frames": stacks}), two.load_state_dict({"frames": stacks[:2]})
-    assert np.array_equal(tb.choose_actions(net, stack, 0.0, 4, np.random.default_rng(0)), greedy)
-    counts = np.bincount(np.concatenate([tb.choose_actions(net, two, 1.0, 4, np.random.default_rng(s))
+    no_fire = np.zeros(64, bool)
+    assert np.array_equal(tb.choose_actions(net, stack, 0.0, 4, np.random.default_rng(0), no_fire, 1), greedy)
+    counts = np.bincount(np.concatenate([tb.choose_actions(net, two, 1.0, 4, np.random.default_rng(s), no_fire[:2], 1)
                                          for s in range(1000)]), minlength=4)
     assert counts.min() > 0.2 * 2000
+    # FIRE where a life starts, whatever epsilon-greedy chose; and nowhere without a FIRE action.
+    need_fire = np.arange(64) % 3 == 0
+    fired = tb.choose_actions(net, stack, 0.0, 4, np.random.default_rng(0), need_fire, 1)
+    assert np.array_equal(fired, np.where(need_fire, 1, greedy))
+    assert np.array_equal(tb.choose_actions(net, stack, 0.0, 4, np.random.default_rng(0), need_fire, None), greedy)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -741,13 +749,13 @@ def test_a_short_run_learns_and_writes_snapshots_config_metrics_and_a_checkpoint
 
     checkpoint = final_checkpoint(run)
     assert checkpoint.name == f"{steps:012d}" and (checkpoint / "manifest.json").exists()
-    tensors = torch.load(checkpoint / "model.pt", weights_only=True)
+    tensors = plumbing.load_checkpoint(checkpoint)[0]
     snapshot = torch.load(run / f"{episodes}.pth", weights_only=True)
     # The snapshot is the target network, as the tutorial saved it; it loads into the tutorial's network.
     assert all(torch.equal(snapshot[k], tensors["target_net"][k]) for k in snapshot)
     assert any(not torch.equal(tensors["policy_net"][k], tensors["target_net"][k]) for k in snapshot)  # it learned
     TutorialDQN().load_state_dict(snapshot)
-    assert tb.load_network(str(run / "4.pth"), CPU) is not None
+    assert play.load_network(str(run / "4.pth"), CPU) is not None
 
 
 ERRORS = {
@@ -793,11 +801,11 @@ def test_bad_input_gives_one_error_line_and_exit_status_2(error_runs, case):
 def test_resume_with_more_episodes_goes_on_counting_episodes(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
-    before = json.loads((final_checkpoint(run) / "state.json").read_text())["counters"]
+    before = plumbing.load_checkpoint(final_checkpoint(run))[0]["counters"]
     p = run_script("--checkpoints", str(run), "--resume", "--episodes", str(before["episodes"] + 4), "--envs", "2")
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"episode {before['episodes']}, agent step {before['steps']}" in p.stdout
-    after = json.loads((final_checkpoint(run) / "state.json").read_text())["counters"]
+    after = plumbing.load_checkpoint(final_checkpoint(run))[0]["counters"]
     assert before["episodes"] + 4 <= after["episodes"] <= before["episodes"] + 5
     assert after["steps"] > before["steps"] and after["updates"] > before["updates"]
     assert (run / "12.pth").exists() and (run / f"{after['episodes']}.pth").exists()

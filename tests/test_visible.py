@@ -15,6 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import play  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def test_an_evaluation_runs_at_each_interval_and_keeps_the_best_network(watched_
         evals = [r for r in csv.DictReader(f) if r["kind"] == "eval"]
     assert [int(r["step"]) for r in evals] == [600, 1200, 1800]
     assert out.count("evaluation at step") == 3
-    assert tb.load_network(str(run / "best.pth"), torch.device("cpu")) is not None
+    assert play.load_network(str(run / "best.pth"), torch.device("cpu")) is not None
     videos = sorted((run / "videos").glob("eval-*.mp4"))
     assert [v.name for v in videos] == [f"eval-{s:012d}.mp4" for s in (600, 1200, 1800)]
     assert all(decoded_frames(v) > 10 for v in videos)

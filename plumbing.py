@@ -1,0 +1,918 @@
+"""The run's plumbing, which no reader of the DQN needs: the checkpoint file format, saving and restoring a
+declared state, the run's folder, stop signals, work beside training (a writer thread, helper processes),
+metrics.csv and TensorBoard, curve.png, videos, and one-line errors. It imports nothing from train_breakout.py.
+
+A full checkpoint is a folder resume/<step>/ of two kinds of file: each array a part declares (its `ARRAYS`)
+as a zstd-compressed .npy, and everything else in state.pt (read back with weights_only=True); manifest.json,
+written last, holds the format version, a summary a person can read, and each file's size and SHA-256. Every
+file goes to a temporary name first and is renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import psutil
+import torch
+import zstandard
+from tqdm import tqdm
+
+FORMAT = 1                  # the full checkpoint's format version: a change of format reads the one before it
+LAST_READER_OF_0 = "b8244e0"  # the last commit that reads the layouts written before format 1
+
+
+# ---- Errors and exit statuses.
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one line, exit status 2, no traceback."""
+
+
+class CannotRestore(Exception):
+    """A part that a checkpoint cannot bring back (games that start afresh); the message says why."""
+
+
+class DamagedCheckpoint(Exception):
+    pass
+
+
+def run_command(body, interrupted: str) -> int:
+    """Exit status of a command (train_breakout.py's and play.py's): 0 done, 2 bad input (one line on stderr,
+    no traceback), 130 interrupted (the line `interrupted` on stderr)."""
+    try:
+        body()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    return 0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already explains it."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in action.help else super()._get_help_string(action)
+
+
+# ---- Flags: the fields of a dataclass, each made by `flag`, its help text and default shown in --help.
+POSITIVE, NOT_NEGATIVE, UNIT = "(0, inf)", "[0, inf)", "[0, 1]"
+
+
+def flag(default, help: str, bounds: Optional[str] = None, new_on_resume: bool = False, **argparse_kw):
+    """A flag: its default, its --help line, the interval its value must lie in (`bounds`, checked by
+    check_bounds), and whether --resume accepts a new value for it."""
+    return dataclasses.field(default=default, metadata=dict(help=help, bounds=bounds, new_on_resume=new_on_resume,
+                                                            argparse=argparse_kw))
+
+
+def flag_parser(cls, doc: str, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The command line of the dataclass `cls`; with `suppress_defaults`, only the flags given are parsed."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    for f in dataclasses.fields(cls):
+        kw = dict(help=f.metadata["help"], **f.metadata["argparse"])
+        kw["default"] = argparse.SUPPRESS if suppress_defaults else f.default
+        name = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(name, action="store_true", **kw)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type.replace("Optional[", "").rstrip("]")]
+            parser.add_argument(name, type=kind, **kw)
+    return parser
+
+
+def check_bounds(args) -> None:
+    """Refuse, in one line, a flag outside its bounds."""
+    for f in dataclasses.fields(args):
+        value, bounds = getattr(args, f.name), f.metadata["bounds"]
+        if value is None or bounds is None:
+            continue
+        low, high = (float(x) for x in bounds[1:-1].split(","))
+        if not ((low <= value if bounds[0] == "[" else low < value)
+                and (value <= high if bounds[-1] == "]" else value < high)):
+            what = {POSITIVE: "must be positive", NOT_NEGATIVE: "must not be negative"}.get(bounds,
+                                                                                          f"must lie in {bounds}")
+            raise UserError(f"--{f.name.replace('_', '-')} {what}, got {value}")
+
+
+def describe(args, **more) -> str:
+    """The flags of a run, and `more`, one per line."""
+    rows = {**dataclasses.asdict(args), **{k.replace("_", " "): v for k, v in more.items()}}
+    return "\n".join(["recipe and run:"] + [f"{k:>20} = {v}" for k, v in rows.items()])
+
+
+# ---- Files written whole or not at all.
+def fsync_dir(path: Path) -> None:
+    """Make the renames inside `path` durable, where the system can: Windows cannot open a folder as a file
+    (PermissionError), and its renames need no such call."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, write, text: bool = False) -> None:
+    """Write via `write(file)` to a temporary file beside `path`, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w" if text else "wb", **({"newline": ""} if text else {})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value) -> None:
+    write_atomically(path, lambda f: f.write(json.dumps(value, indent=1)), text=True)
+
+
+def save_snapshot(net: torch.nn.Module | dict, path: Path) -> None:
+    """A network, or its state_dict, as a .pth the tutorial's code loads (plain tensors, on the CPU)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in (net if isinstance(net, dict) else net.state_dict()).items()}
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- Arrays compressed as they are written and read, a chunk at a time.
+class RingSnapshot:
+    """A ring of frames as it was when a checkpoint was taken, read a chunk at a time by the thread that writes
+    it while training goes on overwriting the ring: before training overwrites a slot the writer has not read
+    yet, the slot's frames are set aside for the writer (where a copy of the whole ring would stop training for
+    seconds). On a GPU the chunks come down one at a time, so the host never holds a second copy either."""
+
+    def __init__(self, frames: torch.Tensor):
+        self.frames, self.shape, self.dtype = frames, tuple(frames.shape), np.dtype(np.uint8)
+        self.lock = threading.Lock()
+        self.read_up_to = 0  # slots below this one have been read
+        self.aside: dict = {}  # slot: its frames at the snapshot, for slots overwritten before they were read
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def keep_before_overwrite(self, slot: int) -> bool:
+        """Training is about to overwrite `slot`: set its frames aside if the writer still needs them. False once
+        the writer has read everything (the snapshot can be dropped)."""
+        with self.lock:
+            if self.read_up_to >= len(self):
+                return False
+            if self.read_up_to <= slot < len(self) and slot not in self.aside:
+                self.aside[slot] = self.frames[slot].clone()
+            return True
+
+    def close(self) -> None:
+        with self.lock:
+            self.read_up_to, self.aside = len(self), {}
+
+    def chunks(self, chunk_bytes: int = 16 << 20):
+        """The frames in order, about `chunk_bytes` at a time, as NumPy arrays."""
+        rows = max(1, chunk_bytes // max(1, self.frames[:1].numel()))
+        for start in range(0, len(self), rows):
+            with self.lock:
+                end = min(start + rows, len(self))
+                chunk = self.frames[start:end].to("cpu", copy=True)
+                for slot in [s for s in self.aside if start <= s < end]:
+                    chunk[slot - start] = self.aside.pop(slot)
+                self.read_up_to = end
+            yield chunk.numpy()
+
+
+def save_array(path: Path, array: np.ndarray | RingSnapshot) -> None:
+    """`array` as a .npy stream compressed with zstd (level 1, on every core), written a chunk at a time, so
+    that saving the replay memory holds no second copy of it."""
+    with open(path, "wb") as f, zstandard.ZstdCompressor(level=1, threads=-1).stream_writer(f, closefd=False) as out:
+        if not isinstance(array, RingSnapshot):
+            np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
+            return
+        header = dict(descr=np.lib.format.dtype_to_descr(array.dtype), fortran_order=False, shape=array.shape)
+        np.lib.format.write_array_header_1_0(out, header)
+        for chunk in array.chunks():
+            out.write(chunk.data)
+
+
+class CompressedArray:
+    """An array written by save_array, read when asked: np.asarray() decompresses it whole, `read_into` straight
+    into a buffer (the replay memory's tables) with no copy between."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with self._open() as f:
+            self.shape, self.dtype = self._header(f)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _open(self):
+        return zstandard.ZstdDecompressor().stream_reader(open(self.path, "rb"), closefd=True)
+
+    @staticmethod
+    def _header(f) -> tuple:
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+        return shape, dtype
+
+    def read_into(self, out: np.ndarray) -> None:
+        assert out.shape == self.shape and out.dtype == self.dtype and out.flags.c_contiguous
+        with self._open() as f:
+            self._header(f)
+            buffer, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+            while done < len(buffer):
+                read = f.readinto(buffer[done:])
+                if not read:
+                    raise DamagedCheckpoint(f"{self.path.name} ends early")
+                done += read
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = np.empty(self.shape, self.dtype)
+        self.read_into(array)
+        return array if dtype is None else array.astype(dtype)
+
+
+# ---- A declared state: the fields of a dataclass, each a part with `state_dict`/`load_state_dict` (or a
+# generator, or a plain object whose attributes are its state). A part's `ARRAYS` names the entries of its
+# state that are arrays: they go to compressed files, everything else to state.pt.
+def part_state(part) -> dict:
+    if isinstance(part, torch.Generator):
+        return dict(state=part.get_state())
+    if isinstance(part, np.random.Generator):
+        return dict(state=part.bit_generator.state)
+    return part.state_dict() if hasattr(part, "state_dict") else dict(vars(part))
+
+
+def load_part(part, state: dict) -> None:
+    if isinstance(part, torch.Generator):
+        try:
+            part.set_state(state["state"])
+        except RuntimeError:  # the run moved between CPU and GPU, whose generators differ
+            print("note: replay sampling is reseeded on the new device", flush=True)
+    elif isinstance(part, np.random.Generator):
+        part.bit_generator.state = state["state"]
+    elif hasattr(part, "load_state_dict"):
+        part.load_state_dict(state)
+    else:
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(getattr(part, name).device)
+            setattr(part, name, np.array(value) if name in getattr(part, "ARRAYS", ()) else value)
+
+
+def state_files(obj) -> tuple[dict, dict]:
+    """A declared state as a checkpoint's contents: ({field: {name: value}} for state.pt, {"field.name": array}
+    for the compressed arrays)."""
+    state, arrays = {}, {}
+    for f in dataclasses.fields(obj):
+        part = getattr(obj, f.name)
+        declared = getattr(part, "ARRAYS", ())
+        for name, value in part_state(part).items():
+            if name in declared:
+                arrays[f"{f.name}.{name}"] = value
+            else:  # a NumPy scalar (a sum of array entries, say) as the Python number weights_only reads back
+                state.setdefault(f.name, {})[name] = value.item() if isinstance(value, np.generic) else value
+    return state, arrays
+
+
+def restore_state(obj, state: dict, arrays: dict) -> Optional[str]:
+    """Bring each field of `obj` back from a checkpoint's contents; returns why a part could not come back."""
+    parts = {name: dict(values) for name, values in state.items()}
+    for key, array in arrays.items():
+        field_name, name = key.split(".", 1)
+        parts.setdefault(field_name, {})[name] = array
+    why = None
+    for f in dataclasses.fields(obj):
+        try:
+            load_part(getattr(obj, f.name), parts.get(f.name, {}))
+        except CannotRestore as e:
+            why = str(e)
+    return why
+
+
+def frozen(value):
+    """`value` (tensors, arrays, and dicts and lists of them) copied, tensors to the CPU, so that training's next
+    steps cannot change it: the one way state is handed to another thread or process. Read-only arrays (rows that
+    are never written again) and ring snapshots (which keep what training overwrites) are handed over as they
+    are."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, np.ndarray):
+        return value.copy() if value.flags.writeable else value
+    if isinstance(value, dict):
+        return {k: frozen(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(frozen(v) for v in value)
+    return value
+
+
+# ---- Full checkpoints: resume/<name>/, written completely or not at all.
+def save_checkpoint(root: Path, name: str, state: dict, arrays: dict, summary: dict, keep: int = 2) -> Path:
+    """Write resume/<name>/ and keep the newest `keep` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        torch.save(state, tmp / "state.pt")
+        for key, value in arrays.items():
+            save_array(tmp / f"{key}.npy.zst", value)
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+            files[f.name] = dict(bytes=f.stat().st_size, sha256=sha256(f))
+        write_json(tmp / "manifest.json", dict(format=FORMAT, summary=summary, files=files))
+        fsync_dir(tmp)
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for array in arrays.values():
+            if isinstance(array, RingSnapshot):
+                array.close()  # read or not, training need not keep its frames any longer
+    for old in checkpoint_folders(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_folders(root: Path) -> list:
+    """The full checkpoints in `root` (a run's resume/), oldest first; none while a first one is being written."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
+    """(state, arrays, manifest) of a full checkpoint, after checking its format and every file against the
+    manifest. A checkpoint of another format is refused (UserError); a damaged one raises DamagedCheckpoint."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise DamagedCheckpoint("no readable manifest.json") from None
+    version = manifest.get("format") if isinstance(manifest, dict) else None
+    if version is None:
+        raise UserError(f"checkpoint {folder} was written by a development version of train_breakout.py, before "
+                        f"checkpoint format {FORMAT}; continue it with commit {LAST_READER_OF_0} "
+                        f"(git checkout {LAST_READER_OF_0}), or start a new run")
+    if version != FORMAT:
+        raise UserError(f"checkpoint {folder} has format {version}, which this version of train_breakout.py "
+                        f"(format {FORMAT}) does not read; update train_breakout.py")
+    for name, meta in manifest["files"].items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != meta["bytes"]:
+            raise DamagedCheckpoint(f"{name} is missing or truncated")
+        if sha256(f) != meta["sha256"]:
+            raise DamagedCheckpoint(f"{name} does not match its checksum")
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    arrays = {f.name[:-len(".npy.zst")]: CompressedArray(f) for f in folder.glob("*.npy.zst")}
+    return state, arrays, manifest
+
+
+def latest_checkpoint(run_dir: Path):
+    """(folder, contents) of the newest full checkpoint that passes its checks, reporting each damaged one."""
+    root = run_dir / "resume"
+    for folder in reversed(checkpoint_folders(root)):
+        try:
+            return folder, load_checkpoint(folder)
+        except DamagedCheckpoint as e:
+            print(f"warning: checkpoint {folder} is damaged ({e}); trying the one before it", file=sys.stderr)
+    raise UserError(f"no usable checkpoint in {root}; start a new run without --resume")
+
+
+class Checkpoints:
+    """Full checkpoints of a declared state, written beside training: what training changes in place is copied
+    at the step (`frozen`), and compressing, hashing, fsync and rename go on on a thread. One at a time: a save
+    still being written is waited for first. Where the copies would not fit in half the available RAM, the
+    checkpoint is written while training waits. A failed save keeps the previous checkpoint."""
+
+    def __init__(self, root: Path, keep: int):
+        self.root, self.keep = root, keep
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.saving: Optional[concurrent.futures.Future] = None
+        self.said_inline = False
+
+    def save(self, obj, name: str, summary: dict, beside: bool = True) -> None:
+        self.wait()
+        started = time.time()
+        state, arrays = state_files(obj)
+        needed = sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray) and a.flags.writeable)
+        if beside and needed >= 0.5 * psutil.virtual_memory().available:
+            beside = False
+            if not self.said_inline:
+                self.said_inline = True
+                tqdm.write(f"note: a copy of the run's state ({needed / 2**30:.1f} GiB) does not fit in the "
+                           "available RAM, so checkpoints are written while training waits")
+        if beside:
+            self.saving = self.writer.submit(self._write, name, frozen(state), frozen(arrays), summary, started)
+        else:
+            self._write(name, state, arrays, summary, started)
+
+    def _write(self, name: str, state: dict, arrays: dict, summary: dict, started: float) -> None:
+        try:
+            folder = save_checkpoint(self.root, name, state, arrays, summary, keep=self.keep)
+        except OSError as e:
+            earlier = bool(checkpoint_folders(self.root))
+            tqdm.write(f"warning: could not write a checkpoint ({e.strerror or e}); " +
+                       ("the previous one is kept and training goes on" if earlier else
+                        "there is no earlier one, so this run cannot be resumed yet; training goes on"))
+            return
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        tqdm.write(f"checkpoint: {folder} ({size / 1e6:.1f} MB in {time.time() - started:.1f} s)")
+
+    def wait(self) -> None:
+        """Wait for the checkpoint being written beside training, if any (a wait cut short by a second Ctrl-C
+        leaves it there, for the next wait)."""
+        if self.saving is not None:
+            error = self.saving.exception()
+            self.saving = None
+            if error is not None:
+                tqdm.write(f"warning: could not write a checkpoint ({type(error).__name__}: {error})")
+
+
+# ---- The run's folder.
+def find_run(args, given: set):
+    """(args, run folder, (checkpoint folder, contents) or None) for the dataclass of flags `args`. On --resume
+    the run's own flags come back from config.json; only the flags marked new_on_resume may change. With
+    --auto-resume, a folder with a checkpoint is resumed and any other started."""
+    if args.auto_resume and not args.resume and checkpoint_folders(Path(args.checkpoints) / "resume"):
+        args.resume = "latest"
+    if not args.resume:
+        run_dir = Path(args.checkpoints)
+        if (run_dir / "config.json").exists() and not args.auto_resume:
+            raise UserError(f"{run_dir}/ already holds a run: add --resume to continue it, or pass "
+                            f"--checkpoints NEW_FOLDER to start another")
+        if args.seed is None:
+            args.seed = random.SystemRandom().randrange(2**31)
+        return args, run_dir, None
+    path = Path(args.checkpoints if args.resume == "latest" else args.resume)
+    if (path / "manifest.json").exists():  # one checkpoint folder: run/resume/<step>
+        run_dir = path.parent.parent
+        try:
+            checkpoint = (path, load_checkpoint(path))
+        except DamagedCheckpoint as e:
+            raise UserError(f"checkpoint {path} is damaged ({e})") from None
+    else:
+        run_dir = path
+        if not (run_dir / "config.json").exists():
+            raise UserError(f"{run_dir}/ holds no run to resume (no config.json)")
+        checkpoint = latest_checkpoint(run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())["args"]
+    may_change = {f.name for f in dataclasses.fields(args) if f.metadata["new_on_resume"]}
+    changed = sorted(k for k in given - may_change if getattr(args, k) != saved.get(k))
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} (run: {saved.get(k)}, given: {getattr(args, k)})" for k in changed)
+        raise UserError(f"--resume continues the run's own recipe, and these flags differ: {diffs}; "
+                        f"start a new run in another --checkpoints folder to change them")
+    merged = {**saved, **{k: getattr(args, k) for k in given & may_change}}
+    merged.update(resume=args.resume, checkpoints=str(run_dir))
+    return type(args)(**merged), run_dir, checkpoint
+
+
+def open_run_folder(run_dir: Path, config: Optional[dict]) -> None:
+    """Create the run's folder, clear what a killed save left there, and write a new run's config.json."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in (run_dir / "resume").glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if config is not None:
+        write_json(run_dir / "config.json", config)
+
+
+class StopRequest:
+    """First Ctrl-C, SIGTERM or (on Windows) Ctrl-Break: finish the step, save, exit 0. A second one interrupts
+    at once (the previous checkpoint stays intact because a checkpoint only replaces it when complete)."""
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        stops = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
+        self.previous = {s: signal.signal(s, self._handle) for s in stops}
+
+    def restore(self) -> None:
+        """Give Ctrl-C back to whoever had it (a notebook calling train(), say)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+
+# ---- Helper processes: work that holds the GIL (matplotlib) or needs cores and seconds of its own.
+def _helper_started() -> None:
+    """In the helper process: Ctrl-C reaches the whole process group, and the trainer decides; the helper ends
+    once the trainer is gone (kill -9 included)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    threading.Thread(target=lambda: (parent.join(), os._exit(0)), daemon=True).start()
+
+
+class Helper:
+    """One spawned process (a fork of a process holding CUDA or threads is unsafe) that runs one job at a time
+    while the loop goes on, started at its first job and started again after it died. With `newest_only`, a
+    job handed over while one runs waits, replacing any older one waiting. Where no process can start,
+    `submit` says so once and returns False: the caller does the work."""
+
+    def __init__(self, name: str, newest_only: bool = False):
+        self.name, self.newest_only = name, newest_only
+        self.pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
+        self.failed = False
+        self.current: Optional[concurrent.futures.Future] = None  # the job handed to the process last
+        self.waiting = None  # with newest_only: (work, args) to hand over once the current job is done
+        self.lock = threading.RLock()  # the current job's end hands over the waiting one, on the pool's thread
+
+    def submit(self, work, *args) -> bool:
+        with self.lock:
+            if self.newest_only and self.current is not None and not self.current.done():
+                self.waiting = (work, args)
+                return True
+            return self._start(work, args)
+
+    def _start(self, work, args) -> bool:
+        if self.failed:
+            return False
+        if self.current is not None and died(self.current):
+            self.pool.shutdown(wait=False)
+            self.pool = None
+        try:
+            if self.pool is None:
+                self.pool = concurrent.futures.ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_started)
+            self.current = self.pool.submit(work, *args)
+        except (OSError, RuntimeError) as e:
+            tqdm.write(f"note: no process could start for the {self.name} ({e}); the training loop does it")
+            self.failed, self.pool = True, None
+            return False
+        self.current.add_done_callback(self._done)
+        return True
+
+    def _done(self, job: concurrent.futures.Future) -> None:
+        if self.newest_only and not job.cancelled() and job.exception() is not None:
+            tqdm.write(f"warning: the {self.name} failed ({type(job.exception()).__name__}: {job.exception()})")
+        with self.lock:
+            if job is self.current and self.waiting is not None and not died(job):
+                (work, args), self.waiting = self.waiting, None
+                self._start(work, args)
+
+    def poll(self, wait: bool = False):
+        """`(True, result)` or `(False, error)` of the job handed over last, once it is done (with `wait`, once it
+        is done); None while it runs, or when there is none."""
+        job = self.current
+        if job is None or not (wait or job.done()):
+            return None
+        try:
+            outcome = (True, job.result())
+        except Exception as e:  # anything the job raised, or its process died: the caller reports it
+            outcome = (False, f"{type(e).__name__}: {e}")
+        with self.lock:
+            if self.current is job:
+                self.current = None
+        return outcome
+
+    def close(self, timeout: float) -> None:
+        """Let the job running finish, for at most `timeout` seconds (with `newest_only`, the one waiting too);
+        then end the process."""
+        deadline = time.time() + timeout
+        while True:
+            with self.lock:
+                job = self.current
+            if job is None or time.time() >= deadline:
+                break
+            concurrent.futures.wait([job], deadline - time.time())
+            with self.lock:
+                if self.current is job:
+                    break
+        with self.lock:
+            self.waiting, pool, self.pool, self.current = None, self.pool, None, None
+        if pool is not None:
+            processes = list(pool._processes.values())  # kill_workers() only comes with Python 3.14
+            pool.shutdown(wait=False, cancel_futures=True)
+            for p in processes:
+                if p.is_alive():
+                    p.kill()
+                p.join()
+
+
+def died(job: concurrent.futures.Future) -> bool:
+    """Whether the process running `job` ended before it was done (the OOM killer, kill -9)."""
+    return job.done() and not job.cancelled() and isinstance(job.exception(), BrokenProcessPool)
+
+
+# ---- The device, and the progress shown.
+class Staging:
+    """Host arrays to the device without waiting for it. On CUDA each copy leaves from pinned memory and is
+    queued behind the GPU's work instead of waiting for it to drain; two buffers take turns, and one is
+    written again only once its previous copy is done. Elsewhere the array is used (CPU) or copied as it is."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.turn = device, 0
+        self.buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        self.copied = [None, None]  # per buffer, the CUDA event its last copy recorded
+
+    def __call__(self, array: np.ndarray) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.from_numpy(array).to(self.device)
+        array = np.ascontiguousarray(array)
+        if self.copied[self.turn] is not None:
+            self.copied[self.turn].synchronize()
+        if self.buffers[self.turn].numel() < array.nbytes:
+            self.buffers[self.turn] = torch.empty(2 * array.nbytes, dtype=torch.uint8, pin_memory=True)
+        staged = self.buffers[self.turn][:array.nbytes]
+        staged.numpy()[...] = array.view(np.uint8).reshape(-1)
+        on_device = staged.to(self.device, non_blocking=True)
+        self.copied[self.turn] = torch.cuda.Event()
+        self.copied[self.turn].record()
+        self.turn ^= 1
+        return on_device.view(torch.from_numpy(array[:0]).dtype).view(array.shape)
+
+
+def check_memory_fits(needed: int, device: torch.device) -> None:
+    """Refuse, before allocating, a replay memory the device cannot hold."""
+    if device.type == "cuda":
+        free, where = torch.cuda.mem_get_info(device)[0], "free GPU memory"
+    else:  # the CPU, or Apple's MPS, which shares the machine's RAM; psutil asks each system its own way
+        free, where = psutil.virtual_memory().available, "available RAM"
+    if needed > 0.9 * free:
+        raise UserError(f"the replay memory needs {needed / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB of "
+                        f"{where} is left; lower --memory")
+
+
+def pick_device(name: str) -> torch.device:
+    """The device --device names; auto: CUDA, else MPS, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to PyTorch")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+class Progress:
+    """The progress bar, and the agent steps per second, measured over at least 2 s."""
+
+    def __init__(self, total: int, unit: str, done: float, steps: int):
+        self.total = total
+        self.bar = tqdm(total=total, initial=min(int(done), total), unit=unit, desc="training", dynamic_ncols=True,
+                        mininterval=1.0)
+        self.rate_time, self.rate_steps, self.steps_per_s = time.time(), steps, 0.0
+
+    def measure(self, steps: int) -> None:
+        now = time.time()
+        if now - self.rate_time >= 2.0:
+            self.steps_per_s = (steps - self.rate_steps) / (now - self.rate_time)
+            self.rate_time, self.rate_steps = now, steps
+
+    def show(self, done: float, **postfix) -> None:
+        self.bar.update(min(int(done), self.total) - self.bar.n)
+        if postfix:
+            self.bar.set_postfix(**postfix, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ---- Logs: metrics.csv and TensorBoard, and tables that grow a row at a time.
+class RunLog:
+    """metrics.csv (one row per finished game and per evaluation) and the same scalars for TensorBoard."""
+
+    def __init__(self, run_dir: Path, columns: list, resume_step: Optional[int], replayed_eval: Optional[int] = None):
+        self.path, self.columns = run_dir / "metrics.csv", columns
+        if resume_step is not None and self.path.exists():
+            # Rows written after the checkpoint belong to work that is about to be done again, and so does the
+            # row of the evaluation that was playing beside training when the checkpoint was taken.
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step
+                        and not (r["kind"] == "eval" and int(r["step"]) == replayed_eval)]
+            write_atomically(self.path, lambda f: self._write_rows(f, rows), text=True)
+        elif resume_step is None:
+            write_atomically(self.path, lambda f: self._write_rows(f, []), text=True)
+        self.file = open(self.path, "a", newline="")
+        self.csv = csv.DictWriter(self.file, columns)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step, flush_secs=10)
+        except ImportError:
+            print("note: the tensorboard package is not installed; metrics go to metrics.csv only")
+            self.tb = None
+
+    def _write_rows(self, f, rows):
+        w = csv.DictWriter(f, self.columns)
+        w.writeheader()
+        w.writerows(rows)
+
+    def row(self, **values) -> None:
+        self.csv.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items()})
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if k not in ("kind", "step") and v is not None and v != "":
+                    self.tb.add_scalar(f"{values['kind']}/{k}", v, values["step"])
+
+    def table(self, name: str, values: dict) -> None:
+        if self.tb is not None:
+            self.tb.add_text(name, "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in values.items()))
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Rows:
+    """A table that grows a row at a time, in one float64 array that doubles when full: 10 million rows cost a
+    fraction of what Python lists of them would, and `array` costs nothing."""
+
+    def __init__(self, width: int, rows=()):
+        rows = np.asarray(rows, float).reshape(-1, width)
+        self.data, self.n = np.zeros((max(64, 2 * len(rows)), width)), len(rows)
+        self.data[:self.n] = rows
+
+    def append(self, row) -> None:
+        if self.n == len(self.data):
+            self.data = np.concatenate([self.data, np.zeros_like(self.data)])
+        self.data[self.n] = row
+        self.n += 1
+
+    @property
+    def array(self) -> np.ndarray:
+        """The rows so far, (n, width); a view, so copy it before handing it to another thread."""
+        return self.data[:self.n]
+
+
+# ---- curve.png: at most CURVE_POINTS points a line, so that a redraw costs the same at any run length.
+CURVE_POINTS = 2_000
+
+
+def bins(n: int, points: int = CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """At most `points` runs of consecutive rows out of `n`: the indices of each one's first and last row."""
+    ends = np.unique(np.linspace(0, n - 1, min(n, points)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+    return np.concatenate([[0], ends[:-1] + 1]).astype(np.int64), ends
+
+
+def thinned(rows: np.ndarray, points: int = CURVE_POINTS) -> np.ndarray:
+    """At most `points` rows: each the mean of a run of consecutive rows, at the x (column 0) of its last one."""
+    if len(rows) <= points:
+        return rows.copy()
+    starts, ends = bins(len(rows), points)
+    return np.column_stack([rows[ends, 0], np.add.reduceat(rows[:, 1:], starts) / (ends - starts + 1)[:, None]])
+
+
+def curve_data(games: np.ndarray, lives: np.ndarray, evals: np.ndarray, learning: np.ndarray, wall: float,
+               window: int = 100) -> dict:
+    """What curve.png draws from rows of (step, seconds, score) per game, (step, episode, mean) per life window,
+    (step, seconds, mean, max, cleared) per evaluation and (step, loss, mean Q): up to CURVE_POINTS games one by
+    one; past that, each run of games between two points shows its lowest and highest score, the mean of the
+    `window` games up to its end and the best game so far; the other lines are averaged over runs of rows.
+    Cheap enough to run in the training loop."""
+    data = dict(lives=thinned(lives), evals=thinned(evals), learning=thinned(learning), wall=wall)
+    if len(games):
+        scores, (starts, ends) = games[:, 2], bins(len(games))
+        last = ends[:, None] - np.arange(window)[None, :]  # the `window` games up to each point
+        inside = last >= 0
+        mean = np.where(inside, scores[np.maximum(last, 0)], 0).sum(1) / inside.sum(1)
+        low, high = np.minimum.reduceat(scores, starts), np.maximum.reduceat(scores, starts)
+        cleared, first_clear = np.flatnonzero(high >= wall), None
+        if len(cleared):
+            i = starts[cleared[0]] + np.argmax(scores[starts[cleared[0]]:ends[cleared[0]] + 1] >= wall)
+            first_clear = games[i, 0]
+        data.update(step=games[ends, 0], low=low, high=high, mean=mean, best=np.maximum.accumulate(high),
+                    first_clear=first_clear, each_game=len(ends) == len(games))
+    return data
+
+
+def draw_curve(path: Path, data: dict, title: str) -> None:
+    """curve.png from `curve_data`: scores per game and per life (windowed means), evaluations, wall mark; loss
+    and Q below. The file is replaced whole, so a reader never sees half a picture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lives, evals, learn = data["lives"], data["evals"], data["learning"]
+    fig, (top, mid, low) = plt.subplots(3, 1, figsize=(10, 9), sharex=True,
+                                        gridspec_kw=dict(height_ratios=[3, 1, 1]))
+    if "step" in data:
+        x = data["step"] / 1e6
+        if data["each_game"]:
+            top.plot(x, data["high"], ".", color="0.8", ms=2, label="game score")
+        else:
+            top.fill_between(x, data["low"], data["high"], color="0.85", lw=0, label="game scores, lowest to highest")
+        top.plot(x, data["mean"], color="C0", lw=2, label="game score, mean of 100 games")
+        top.plot(x, data["best"], color="C2", lw=1, ls="--", label="best game so far")
+    if len(lives):
+        top.plot(lives[:, 0] / 1e6, lives[:, 2], color="C1", lw=1.5, label="life score, mean per plot window")
+    if len(evals):
+        top.plot(evals[:, 0] / 1e6, evals[:, 2], "o-" if len(evals) <= 200 else "-", color="C3", ms=4,
+                 label="evaluation mean")
+    if data.get("first_clear") is not None:
+        top.axvline(data["first_clear"] / 1e6, color="k", ls=":", lw=1)
+        top.annotate(" wall cleared", (data["first_clear"] / 1e6, data["wall"]), fontsize=9)
+    top.set_ylabel("score (points)")
+    top.set_title(f"{title}: training progress")
+    if top.get_legend_handles_labels()[0]:
+        top.legend(loc="upper left", fontsize=8)
+    top.grid(alpha=0.3)
+    if len(learn):
+        mid.plot(learn[:, 0] / 1e6, learn[:, 1], color="C4")
+        low.plot(learn[:, 0] / 1e6, learn[:, 2], color="C5")
+    mid.set_ylabel("Huber loss")
+    low.set_ylabel("mean Q")
+    low.set_xlabel("agent steps (millions)")
+    for ax in (mid, low):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---- Videos: game frames upscaled, with the score burned in.
+def draw_frame(rgb: np.ndarray, score: Optional[float], scale: int = 3) -> np.ndarray:
+    """An RGB game frame upscaled (nearest neighbour) with the score burned in: for videos and play's window."""
+    import cv2
+    h, w = rgb.shape[:2]
+    big = cv2.resize(rgb, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
+    if score is not None:
+        cv2.putText(big, f"{score:.0f}", (8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (255, 255, 255), 2)
+    return big
+
+
+class VideoWriter:
+    """H.264 MP4 (or GIF when the name ends in .gif) from RGB frames, upscaled, with the score burned in."""
+
+    def __init__(self, path: str, fps: float = 60 / 4, scale: int = 3):
+        import av
+        self.path, self.scale = Path(path), scale
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        open(self.path, "ab").close()  # PyAV opens the file only at the first frame: fail here instead
+        self.container = av.open(str(self.path), mode="w")
+        gif = self.path.suffix.lower() == ".gif"
+        self.stream = self.container.add_stream("gif" if gif else "libx264", rate=round(fps))
+        self.stream.pix_fmt = "rgb8" if gif else "yuv420p"
+        self.frames = 0
+
+    def add(self, rgb: np.ndarray, score: Optional[float] = None) -> None:
+        import av
+        big = draw_frame(rgb, score, self.scale)
+        if self.frames == 0:
+            self.stream.width, self.stream.height = big.shape[1] // 2 * 2, big.shape[0] // 2 * 2
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(big[:self.stream.height, :self.stream.width]),
+                                           format="rgb24")
+        self.container.mux(self.stream.encode(frame))
+        self.frames += 1
+
+    def close(self) -> None:
+        self.container.mux(self.stream.encode())
+        self.container.close()
+
+
+class GameVideos:
+    """One video per game played side by side, from their first frames `rgb`; `keep` keeps one as `path`."""
+
+    def __init__(self, path: str, rgb: np.ndarray):
+        self.path, self.tmp = path, Path(path).with_name(f".{Path(path).name}-games")
+        self.writers = [VideoWriter(self.tmp / f"{i}.mp4") for i in range(len(rgb))]
+        for w, frame in zip(self.writers, rgb):
+            w.add(frame, 0)
+
+    def add(self, rgb: np.ndarray, scores: np.ndarray, which: np.ndarray) -> None:
+        for i in np.flatnonzero(which):
+            self.writers[i].add(rgb[i], scores[i])
+
+    def keep(self, i: int) -> None:
+        for w in self.writers:
+            w.close()
+        os.replace(self.tmp / f"{i}.mp4", self.path)
+        shutil.rmtree(self.tmp, ignore_errors=True)
