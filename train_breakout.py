@@ -704,7 +704,7 @@ class LearningStats:
         return Learned(loss / updates, mean_q / updates)
 
 
-# ---- Evaluation and logging: greedy-ish games on their own environment, metrics.csv, TensorBoard, curve.png.
+# ---- Evaluation: greedy-ish games on their own environment; the rows of metrics.csv and of curve.png.
 WALL_CLEARED = 432  # Breakout's first wall is 108 bricks; a game score of 432 means all of them are gone
 
 
