@@ -379,7 +379,7 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
     if version is None:
         raise UserError(f"checkpoint {folder} was written by a development version of train_breakout.py, before "
                         f"checkpoint format {FORMAT}; continue it with commit {LAST_READER_OF_0} "
-                        f"(git checkout {LAST_READER_OF_0}), or start a new run")
+                        f"(git checkout {LAST_READER_OF_0}), or start a new run in another --checkpoints folder")
     if version != FORMAT:
         raise UserError(f"checkpoint {folder} has format {version}, which this version of train_breakout.py "
                         f"(format {FORMAT}) does not read; update train_breakout.py")

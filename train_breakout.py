@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import (NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, Helper, Progress, RingSnapshot, RunLog,
-                      GameVideos, Rows, Staging, StopRequest, UserError, check_bounds, check_memory_fits,
-                      curve_data, describe, draw_curve, find_run, flag, flag_parser, frozen, open_run_folder, pick_device,
-                      restore_state, run_command, save_snapshot)
+from plumbing import (NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, GameVideos, Helper, Progress,
+                      RingSnapshot, Rows, RunLog, Staging, StopRequest, UserError, check_bounds, check_memory_fits,
+                      curve_data, describe, draw_curve, find_run, flag, flag_parser, frozen, open_run_folder,
+                      pick_device, restore_state, run_command, save_snapshot)
 
 
 # ---- Arguments: every field is a flag; new_on_resume marks those that only say where, how long or how visibly.
