@@ -13,20 +13,25 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
+import errno
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Optional
 
+import filelock
 import numpy as np
 import psutil
 import torch
@@ -142,6 +147,73 @@ def write_atomically(path: Path, write, text: bool = False) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def why_failed(error: BaseException, where: Path) -> str:
+    """Why a write failed, in words: "no space left on device" however the library raised it (PyTorch reports a
+    full disk as a RuntimeError about positions in its zip file)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "no space left on device"
+    try:
+        folder = next(p for p in [where, *where.parents] if p.is_dir())
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return "no space left on device"
+    except (OSError, StopIteration):
+        pass
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+
+
+class Writes:
+    """Writes that must not end the run (a full disk, a full Google Drive): a failure is one warning naming the
+    file and the reason, said again only when the reason changes; the next write of the file tries again, and
+    one line says when it works again. Every write it guards replaces its file whole or leaves it as it was."""
+
+    def __init__(self):
+        self.failing: dict = {}  # path: why its last write failed
+        self.lock = threading.Lock()  # the checkpoint writer's thread reports here too
+
+    def __call__(self, path: Path, write, *args) -> bool:
+        """`write(*args)`, which writes `path`; False if it failed."""
+        try:
+            write(*args)
+        except (OSError, RuntimeError) as e:
+            self.failed(path, e)
+            return False
+        self.succeeded(path)
+        return True
+
+    def failed(self, path: Path, error: BaseException, then: str = "training goes on; the next write tries again"):
+        reason = why_failed(error, Path(path))
+        with self.lock:
+            repeat, self.failing[str(path)] = self.failing.get(str(path)) == reason, reason
+        if not repeat:
+            tqdm.write(f"warning: could not write {path} ({reason}); {then}")
+
+    def ended(self, path: Path, error: Optional[BaseException], what: str) -> None:
+        """Report how a job of a helper process that writes `path` ended (`what` names the job)."""
+        if isinstance(error, BrokenProcessPool):
+            tqdm.write(f"warning: the process of the {what} died; the next one starts another")
+        elif isinstance(error, (OSError, RuntimeError)):
+            self.failed(path, error)
+        elif error is not None:
+            tqdm.write(f"warning: the {what} failed ({type(error).__name__}: {error})")
+        else:
+            self.succeeded(path)
+
+    def succeeded(self, path: Path) -> None:
+        with self.lock:
+            was_failing = self.failing.pop(str(path), None) is not None
+        if was_failing:
+            tqdm.write(f"note: {path} is written again")
+
+
+def free_bytes(folder: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def write_json(path: Path, value) -> None:
@@ -339,7 +411,8 @@ def save_checkpoint(root: Path, name: str, state: dict, arrays: dict, summary: d
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "wb") as f:  # closed even when the write fails, so its space comes back
+            torch.save(state, f)
         for key, value in arrays.items():
             save_array(tmp / f"{key}.npy.zst", value)
         files = {}
@@ -396,13 +469,12 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
 
 def latest_checkpoint(run_dir: Path):
     """(folder, contents) of the newest full checkpoint that passes its checks, reporting each damaged one."""
-    root = run_dir / "resume"
-    for folder in reversed(checkpoint_folders(root)):
+    for folder in reversed(checkpoint_folders(run_dir / "resume")):
         try:
             return folder, load_checkpoint(folder)
         except DamagedCheckpoint as e:
             print(f"warning: checkpoint {folder} is damaged ({e}); trying the one before it", file=sys.stderr)
-    raise UserError(f"no usable checkpoint in {root}; start a new run without --resume")
+    raise no_usable_checkpoint(run_dir)
 
 
 class Checkpoints:
@@ -434,16 +506,38 @@ class Checkpoints:
             self._write(name, state, arrays, summary, started)
 
     def _write(self, name: str, state: dict, arrays: dict, summary: dict, started: float) -> None:
+        self._make_room()
         try:
             folder = save_checkpoint(self.root, name, state, arrays, summary, keep=self.keep)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # PyTorch raises a full disk as a RuntimeError
             earlier = bool(checkpoint_folders(self.root))
-            tqdm.write(f"warning: could not write a checkpoint ({e.strerror or e}); " +
+            tqdm.write(f"warning: could not write a checkpoint ({why_failed(e, self.root)}); " +
                        ("the previous one is kept and training goes on" if earlier else
                         "there is no earlier one, so this run cannot be resumed yet; training goes on"))
             return
         size = sum(f.stat().st_size for f in folder.iterdir())
         tqdm.write(f"checkpoint: {folder} ({size / 1e6:.1f} MB in {time.time() - started:.1f} s)")
+
+    def _make_room(self) -> None:
+        """Where the disk cannot hold one more checkpoint beside those kept, remove the oldest, down to one."""
+        folders = checkpoint_folders(self.root)
+        if len(folders) < 2:
+            return
+        try:
+            needed = 1.1 * sum(f.stat().st_size for f in folders[-1].iterdir())
+        except OSError:
+            return
+        free = free_bytes(self.root)
+        while free is not None and free < needed and len(folders) > 1:
+            shutil.rmtree(folders.pop(0), ignore_errors=True)
+            tqdm.write(f"note: {free / 1e6:.0f} MB free for a checkpoint of about {needed / 1e6:.0f} MB: the oldest "
+                       f"checkpoint is removed to make room, {folders[-1].name} is kept")
+            free = free_bytes(self.root)
+
+    def newest(self) -> Optional[Path]:
+        """The checkpoint a resume would use now: the newest one written whole."""
+        folders = checkpoint_folders(self.root)
+        return folders[-1] if folders else None
 
     def wait(self) -> None:
         """Wait for the checkpoint being written beside training, if any (a wait cut short by a second Ctrl-C
@@ -455,52 +549,137 @@ class Checkpoints:
                 tqdm.write(f"warning: could not write a checkpoint ({type(error).__name__}: {error})")
 
 
-# ---- The run's folder.
-def find_run(args, given: set):
-    """(args, run folder, (checkpoint folder, contents) or None) for the dataclass of flags `args`. On --resume
-    the run's own flags come back from config.json; only the flags marked new_on_resume may change. With
-    --auto-resume, a folder with a checkpoint is resumed and any other started."""
-    if args.auto_resume and not args.resume and checkpoint_folders(Path(args.checkpoints) / "resume"):
+# ---- The run's folder: one trainer at a time, checked before anything is written.
+def run_folder(args) -> Path:
+    """The folder of the run the flags name: --checkpoints, or the run --resume PATH points into."""
+    if args.resume and args.resume != "latest":
+        path = Path(args.resume)
+        is_checkpoint = (path / "manifest.json").exists() or path.parent.name == "resume"
+        return path.parent.parent if is_checkpoint else path
+    return Path(args.checkpoints)
+
+
+class RunLock:
+    """The run folder's lock, held by the trainer for the whole run: a second trainer on the folder is refused,
+    in one line naming the holder. The system releases it when its process ends (kill -9 and a lost node too),
+    so a lock left behind never blocks; where the file system cannot lock, one line says so and the run goes on."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.lock = run_dir, filelock.FileLock(run_dir / ".trainer.lock", timeout=0)
+        self.holder = run_dir / ".trainer.json"
+
+    def acquire(self) -> None:
+        try:
+            self.lock.acquire()
+        except filelock.Timeout:
+            raise UserError(f"{self.run_dir}/ is in use by another trainer ({self._held_by()}); wait for it to end, "
+                            f"or pass --checkpoints NEW_FOLDER to start another run") from None
+        except (OSError, NotImplementedError) as e:
+            print(f"note: {self.run_dir}/ cannot be locked ({why_failed(e, self.run_dir)}); make sure no other "
+                  "trainer uses it", flush=True)
+            self.lock = None
+            return
+        try:
+            write_json(self.holder, dict(pid=os.getpid(), host=socket.gethostname(),
+                                         since=time.strftime("%Y-%m-%d %H:%M:%S %Z")))
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only its holder goes unnamed
+
+    def _held_by(self) -> str:
+        try:
+            h = json.loads(self.holder.read_text())
+            return f"process {h['pid']} on {h['host']}, since {h['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that is starting"
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def check_run_folder(run_dir: Path) -> bool:
+    """Refuse, before anything is built, a run folder that cannot be created or written to; True if it was
+    created now."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--checkpoints {run_dir} is a file, not a folder")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        if e.errno != errno.ENOSPC:  # a full disk is no reason to refuse: the run starts, and says so
+            raise UserError(f"cannot write to the run's folder {run_dir} ({e.strerror or e})") from None
+    return created
+
+
+def config_of(run_dir: Path) -> Optional[dict]:
+    """config.json of the run in `run_dir`, or None where it is missing or damaged."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def checkpoints_to_try(args, run_dir: Path) -> Optional[list]:
+    """None to start a new run; else the full checkpoints to resume from, newest first (the trainer holds the
+    folder's lock by now). With --auto-resume, a folder with a checkpoint is resumed and any other started."""
+    folders = checkpoint_folders(run_dir / "resume")
+    if args.auto_resume and not args.resume and folders:
         args.resume = "latest"
     if not args.resume:
-        run_dir = Path(args.checkpoints)
-        if (run_dir / "config.json").exists() and not args.auto_resume:
+        if (folders or (run_dir / "config.json").exists()) and not args.auto_resume:
             raise UserError(f"{run_dir}/ already holds a run: add --resume to continue it, or pass "
                             f"--checkpoints NEW_FOLDER to start another")
         if args.seed is None:
             args.seed = random.SystemRandom().randrange(2**31)
-        return args, run_dir, None
-    path = Path(args.checkpoints if args.resume == "latest" else args.resume)
-    if (path / "manifest.json").exists():  # one checkpoint folder: run/resume/<step>
-        run_dir = path.parent.parent
-        try:
-            checkpoint = (path, load_checkpoint(path))
-        except DamagedCheckpoint as e:
-            raise UserError(f"checkpoint {path} is damaged ({e})") from None
-    else:
-        run_dir = path
-        if not (run_dir / "config.json").exists():
-            raise UserError(f"{run_dir}/ holds no run to resume (no config.json)")
-        checkpoint = latest_checkpoint(run_dir)
-    saved = json.loads((run_dir / "config.json").read_text())["args"]
-    may_change = {f.name for f in dataclasses.fields(args) if f.metadata["new_on_resume"]}
-    changed = sorted(k for k in given - may_change if getattr(args, k) != saved.get(k))
+        return None
+    if args.resume != "latest" and Path(args.resume).resolve() != run_dir.resolve():
+        return [Path(args.resume)]
+    if not folders:
+        if (run_dir / "config.json").exists():
+            raise UserError(f"{run_dir}/ holds a run stopped before its first full checkpoint: start it over with "
+                            f"--auto-resume (same flags), or pass --checkpoints NEW_FOLDER")
+        raise UserError(f"{run_dir}/ holds no run to resume")
+    return folders[::-1]
+
+
+def no_usable_checkpoint(run_dir: Path) -> UserError:
+    return UserError(f"no usable checkpoint in {run_dir / 'resume'}: start a new run with --checkpoints NEW_FOLDER, "
+                     f"or move {run_dir / 'resume'} away and add --auto-resume to start this run over")
+
+
+def resumed_args(args, given: set, summary: dict, run_dir: Path):
+    """The flags a checkpoint was written with (its manifest's summary), with the new values of those marked
+    new_on_resume; a recipe flag given with another value is refused."""
+    saved = summary.get("args")
+    if not isinstance(saved, dict):
+        raise DamagedCheckpoint("its manifest holds no flags")
+    fields = {f.name: f for f in dataclasses.fields(args)}
+    may_change = {name for name, f in fields.items() if f.metadata["new_on_resume"]}
+    changed = sorted(k for k in given - may_change if getattr(args, k) != saved.get(k, fields[k].default))
     if changed:
         diffs = ", ".join(f"--{k.replace('_', '-')} (run: {saved.get(k)}, given: {getattr(args, k)})" for k in changed)
         raise UserError(f"--resume continues the run's own recipe, and these flags differ: {diffs}; "
                         f"start a new run in another --checkpoints folder to change them")
-    merged = {**saved, **{k: getattr(args, k) for k in given & may_change}}
+    merged = {**{k: v for k, v in saved.items() if k in fields}, **{k: getattr(args, k) for k in given & may_change}}
     merged.update(resume=args.resume, checkpoints=str(run_dir))
-    return type(args)(**merged), run_dir, checkpoint
+    try:
+        return type(args)(**merged)
+    except TypeError as e:
+        raise DamagedCheckpoint(f"its flags do not make a run ({e})") from None
 
 
-def open_run_folder(run_dir: Path, config: Optional[dict]) -> None:
-    """Create the run's folder, clear what a killed save left there, and write a new run's config.json."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def clear_leftovers(run_dir: Path) -> None:
+    """What a killed save left in the run's folder (the trainer holds its lock, so no save is running)."""
     for leftover in (run_dir / "resume").glob(".tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    if config is not None:
-        write_json(run_dir / "config.json", config)
 
 
 class StopRequest:
@@ -534,17 +713,26 @@ def _helper_started() -> None:
 
 class Helper:
     """One spawned process (a fork of a process holding CUDA or threads is unsafe) that runs one job at a time
-    while the loop goes on, started at its first job and started again after it died. With `newest_only`, a
-    job handed over while one runs waits, replacing any older one waiting. Where no process can start,
-    `submit` says so once and returns False: the caller does the work."""
+    while the loop goes on, started at its first job and started again after it died (the OOM killer, kill -9).
+    With `newest_only`, a job handed over while one runs waits, replacing any older one waiting, and `on_end`
+    hears how each job ended. Where no process can start, or it died DEATHS times in a row, `submit` says so
+    once and returns False from then on: the caller does the work."""
 
-    def __init__(self, name: str, newest_only: bool = False):
-        self.name, self.newest_only = name, newest_only
+    DEATHS = 3
+
+    def __init__(self, name: str, newest_only: bool = False, on_end=None):
+        self.name, self.newest_only, self.on_end = name, newest_only, on_end
         self.pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
         self.failed = False
+        self.deaths = 0  # jobs in a row whose process died
+        self.broken = False  # the process died: the next job starts another
         self.current: Optional[concurrent.futures.Future] = None  # the job handed to the process last
         self.waiting = None  # with newest_only: (work, args) to hand over once the current job is done
         self.lock = threading.RLock()  # the current job's end hands over the waiting one, on the pool's thread
+
+    @property
+    def process(self) -> str:
+        return f"{self.name}{chr(39) if self.name.endswith('s') else chr(39) + 's'} process"
 
     def submit(self, work, *args) -> bool:
         with self.lock:
@@ -556,9 +744,15 @@ class Helper:
     def _start(self, work, args) -> bool:
         if self.failed:
             return False
-        if self.current is not None and died(self.current):
-            self.pool.shutdown(wait=False)
-            self.pool = None
+        if self.broken or (self.current is not None and died(self.current)):
+            if self.pool is not None:
+                self.pool.shutdown(wait=False)
+            self.pool, self.broken = None, False
+            if self.deaths >= self.DEATHS:
+                tqdm.write(f"note: the {self.process} died {self.deaths} times in a row (out of memory?); "
+                           "the training loop does its work from now on")
+                self.failed = True
+                return False
         try:
             if self.pool is None:
                 self.pool = concurrent.futures.ProcessPoolExecutor(
@@ -572,8 +766,12 @@ class Helper:
         return True
 
     def _done(self, job: concurrent.futures.Future) -> None:
-        if self.newest_only and not job.cancelled() and job.exception() is not None:
-            tqdm.write(f"warning: the {self.name} failed ({type(job.exception()).__name__}: {job.exception()})")
+        dead = died(job)
+        with self.lock:
+            self.deaths = self.deaths + 1 if dead else 0 if not job.cancelled() else self.deaths
+            self.broken |= dead
+        if self.on_end is not None and not job.cancelled():
+            self.on_end(job.exception())
         with self.lock:
             if job is self.current and self.waiting is not None and not died(job):
                 (work, args), self.waiting = self.waiting, None
@@ -587,9 +785,12 @@ class Helper:
             return None
         try:
             outcome = (True, job.result())
-        except Exception as e:  # anything the job raised, or its process died: the caller reports it
+        except BrokenProcessPool:
+            outcome = (False, "its process died; the next one starts another")
+        except Exception as e:  # anything the job raised: the caller reports it
             outcome = (False, f"{type(e).__name__}: {e}")
         with self.lock:
+            self.broken |= died(job)
             if self.current is job:
                 self.current = None
         return outcome
@@ -700,50 +901,165 @@ class Progress:
         self.bar.close()
 
 
-# ---- Logs: metrics.csv and TensorBoard, and tables that grow a row at a time.
-class RunLog:
-    """metrics.csv (one row per finished game and per evaluation) and the same scalars for TensorBoard."""
+# ---- Logs: metrics.csv and TensorBoard, each a file that grows by whole records; tables that grow a row at a time.
+class AppendFile:
+    """A file that grows by whole records (metrics.csv's rows, TensorBoard's events). A write the disk cannot take
+    is undone, the file cut back to its last whole record, and its records wait to go with the next write."""
 
-    def __init__(self, run_dir: Path, columns: list, resume_step: Optional[int], replayed_eval: Optional[int] = None):
-        self.path, self.columns = run_dir / "metrics.csv", columns
-        if resume_step is not None and self.path.exists():
-            # Rows written after the checkpoint belong to work that is about to be done again, and so does the
-            # row of the evaluation that was playing beside training when the checkpoint was taken.
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step
-                        and not (r["kind"] == "eval" and int(r["step"]) == replayed_eval)]
-            write_atomically(self.path, lambda f: self._write_rows(f, rows), text=True)
-        elif resume_step is None:
-            write_atomically(self.path, lambda f: self._write_rows(f, []), text=True)
-        self.file = open(self.path, "a", newline="")
-        self.csv = csv.DictWriter(self.file, columns)
+    LIMIT = 100_000  # records kept waiting, at most
+
+    def __init__(self, path: Path, writes: Writes):
+        self.path, self.writes, self.waiting, self.fd = path, writes, [], None
+
+    def add(self, record: bytes) -> None:
+        self.waiting.append(record)
+        if len(self.waiting) > self.LIMIT:
+            del self.waiting[0]
+        data = b"".join(self.waiting)
         try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step, flush_secs=10)
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+            size = os.fstat(self.fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(self.fd, view)
+                    if not written:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    view = view[written:]
+            except OSError:
+                os.ftruncate(self.fd, size)
+                raise
+        except OSError as e:
+            self.writes.failed(self.path, e, then="training goes on, and its rows wait for the next write")
+            return
+        self.waiting.clear()
+        self.writes.succeeded(self.path)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def csv_line(values: list) -> bytes:
+    out = io.StringIO()
+    csv.writer(out).writerow(values)
+    return out.getvalue().encode()
+
+
+class EventFile:
+    """A TensorBoard event file, written a record at a time in this thread (TensorBoard's own writer thread
+    dies at its first full disk, with a traceback); `purge_step` hides the events a resumed run writes again."""
+
+    def __init__(self, folder: Path, writes: Writes, purge_step: Optional[int]):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        self.pb, self.summary_pb, self.RecordWriter = event_pb2, summary_pb2, RecordWriter
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            writes.failed(folder, e)
+        self.file = AppendFile(folder / name, writes)
+        self.add(self.pb.Event(wall_time=time.time(), step=purge_step or 0, file_version="brain.Event:2"))
+        if purge_step is not None:
+            self.add(self.pb.Event(wall_time=time.time(), step=purge_step,
+                                   session_log=self.pb.SessionLog(status=self.pb.SessionLog.START)))
+
+    def add(self, *events) -> None:
+        out = io.BytesIO()
+        writer = self.RecordWriter(out)
+        for event in events:
+            writer.write(event.SerializeToString())
+        self.file.add(out.getvalue())
+
+    def scalars(self, values: dict, step: int) -> None:
+        now = time.time()
+        self.add(*[self.pb.Event(wall_time=now, step=int(step), summary=self.summary_pb.Summary(
+            value=[self.summary_pb.Summary.Value(tag=tag, simple_value=float(v))])) for tag, v in values.items()])
+
+    def text(self, tag: str, text: str) -> None:
+        from torch.utils.tensorboard.summary import text as text_summary
+        self.add(self.pb.Event(wall_time=time.time(), step=0, summary=text_summary(tag, text)))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class RunLog:
+    """metrics.csv (one row per finished game and per evaluation) and the same scalars for TensorBoard. A resumed
+    run drops the rows after its checkpoint; a metrics.csv missing or damaged never blocks it (a note says what
+    was dropped or started again)."""
+
+    def __init__(self, run_dir: Path, columns: list, resume_step: Optional[int], writes: Writes,
+                 replayed_eval: Optional[int] = None):
+        self.path, self.columns, self.writes = run_dir / "metrics.csv", columns, writes
+        rows = [] if resume_step is None else self._rows_before(resume_step, replayed_eval)
+        data = b"".join([csv_line(columns)] + [csv_line(r) for r in rows])
+        try:
+            write_atomically(self.path, lambda f: f.write(data))
+        except OSError:
+            self._rewrite_in_place(data)
+        self.file = AppendFile(self.path, writes)
+        try:
+            self.tb = EventFile(run_dir / "tensorboard", writes, resume_step)
         except ImportError:
             print("note: the tensorboard package is not installed; metrics go to metrics.csv only")
             self.tb = None
 
-    def _write_rows(self, f, rows):
-        w = csv.DictWriter(f, self.columns)
-        w.writeheader()
-        w.writerows(rows)
+    def _rows_before(self, resume_step: int, replayed_eval: Optional[int]) -> list:
+        """The rows a resumed run keeps: those up to its checkpoint's step, but for the row of the evaluation that
+        was playing beside training when the checkpoint was taken (it is played again)."""
+        try:
+            with open(self.path, newline="") as f:
+                lines = list(csv.reader(f))
+        except FileNotFoundError:
+            print(f"note: {self.path} is missing; it starts again with its header (the rows before step "
+                  f"{resume_step} are in the checkpoint's history, which curve.png draws)", flush=True)
+            return []
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            print(f"note: {self.path} cannot be read ({e}); it is kept as {self.path.name}.damaged and starts again",
+                  flush=True)
+            self.path.replace(self.path.with_name(self.path.name + ".damaged"))
+            return []
+        if lines and lines[0] == self.columns:
+            lines = lines[1:]
+        kept, damaged, last_damaged = [], 0, False
+        for n, r in enumerate(lines):
+            ok = len(r) == len(self.columns) and r[0] in ("game", "eval") and r[1].isdigit()
+            damaged += not ok
+            last_damaged = not ok and n == len(lines) - 1
+            if ok and int(r[1]) <= resume_step and not (r[0] == "eval" and int(r[1]) == replayed_eval):
+                kept.append(r)
+        if damaged:
+            what = "its last line was cut short" if damaged == 1 and last_damaged else f"{damaged} lines were damaged"
+            print(f"note: {self.path}: {what}, and dropped", flush=True)
+        return kept
+
+    def _rewrite_in_place(self, data: bytes) -> None:
+        """With no space for a second copy: write the rows kept over the file's start, then cut it there."""
+        try:
+            with open(self.path, "r+b") as f:
+                f.write(data)
+                f.truncate()
+        except OSError as e:
+            self.writes.failed(self.path, e, then="its rows after the checkpoint stay")
 
     def row(self, **values) -> None:
-        self.csv.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in values.items()})
-        self.file.flush()
+        self.file.add(csv_line([(f"{v:.6g}" if isinstance(v, float) else "" if v is None else v)
+                                for v in (values.get(c) for c in self.columns)]))
         if self.tb is not None:
-            for k, v in values.items():
-                if k not in ("kind", "step") and v is not None and v != "":
-                    self.tb.add_scalar(f"{values['kind']}/{k}", v, values["step"])
+            self.tb.scalars({f"{values['kind']}/{k}": v for k, v in values.items()
+                             if k not in ("kind", "step") and v is not None and v != ""}, values["step"])
 
     def table(self, name: str, values: dict) -> None:
         if self.tb is not None:
-            self.tb.add_text(name, "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in values.items()))
+            self.tb.text(name, "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in values.items()))
 
     def scalar(self, name: str, value: float, step: int) -> None:
         if self.tb is not None:
-            self.tb.add_scalar(name, value, step)
+            self.tb.scalars({name: value}, step)
 
     def close(self) -> None:
         self.file.close()
@@ -853,9 +1169,12 @@ def draw_curve(path: Path, data: dict, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 # ---- Videos: game frames upscaled, with the score burned in.

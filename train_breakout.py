@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -30,10 +31,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import (NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, GameVideos, Helper, Progress,
-                      RingSnapshot, Rows, RunLog, Staging, StopRequest, UserError, check_bounds, check_memory_fits,
-                      curve_data, describe, draw_curve, find_run, flag, flag_parser, frozen, open_run_folder,
-                      pick_device, restore_state, run_command, save_snapshot)
+from plumbing import (NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, DamagedCheckpoint, GameVideos,
+                      Helper, Progress, RingSnapshot, Rows, RunLock, RunLog, Staging, StopRequest, UserError, Writes,
+                      check_bounds, check_memory_fits, check_run_folder, checkpoints_to_try, clear_leftovers,
+                      config_of, curve_data, describe, draw_curve, flag, flag_parser, free_bytes, frozen,
+                      load_checkpoint, new_run_id, no_usable_checkpoint, pick_device, restore_state, resumed_args,
+                      run_command, run_folder, save_snapshot, write_json)
 
 
 # ---- Arguments: every field is a flag; new_on_resume marks those that only say where, how long or how visibly.
@@ -79,7 +82,8 @@ class Args:
     overlap: str = flag("auto", "learn while the games step, acting on weights one step behind (auto: on for CUDA "
                                 "with --envs > 1; off: act, step, store, learn in turn)", new_on_resume=True,
                         choices=["auto", "on", "off"])
-    seed: Optional[int] = flag(None, "random seed (default: drawn at random and written to config.json)")
+    seed: Optional[int] = flag(None, "random seed (default: drawn at random and written to config.json)",
+                               f"[0, {2**31 - 1}]")
     # The recipe: the tutorial's values unless --recipe fast (see RECIPES); explicit flags override either
     recipe: str = flag("tutorial", "starting values of the flags below", choices=["tutorial", "fast"])
     memory: int = flag(100_000, "replay memory capacity in stored transitions", POSITIVE)
@@ -180,7 +184,7 @@ class VectorGames:
             use_fire_reset=False, episodic_life=False, autoreset_mode="SameStep",
             num_threads=min(n, threads or os.cpu_count() or 1), thread_affinity_offset=0 if threads is None else -1)
         self.actions = list(self.env.ale.get_action_set())
-        self.seed = seed
+        self.seed = seed % (2**31 - n + 1)  # game i gets seed + i, which the emulator takes as a 32-bit int
 
     def reset(self):
         obs, info = self.env.reset(seed=self.seed)
@@ -959,10 +963,14 @@ def torch_threads(args: Args, device: torch.device, learning: bool) -> int:
 class Session:
     """This process's share of a run, none of it saved: flags, folder, log, clock, progress, helpers, stop request."""
 
-    def __init__(self, args: Args, run_dir: Path, device: torch.device, run: Run, resumed: bool):
+    def __init__(self, args: Args, run_dir: Path, device: torch.device, run: Run, resumed: bool, writes: Writes,
+                 config: dict):
         self.args, self.run_dir, self.device = args, run_dir, device
+        self.writes, self.config = writes, config  # the writes that may fail; config.json, written again if it did
+        self.unsaved_best: Optional[dict] = None  # the weights of a best evaluation whose best.pth failed
         self.n_actions, self.fire = len(run.games.actions), fire_action(run.games.actions)
-        self.log = RunLog(run_dir, METRIC_COLUMNS, run.counters.steps if resumed else None, run.evaluating.step)
+        self.log = RunLog(run_dir, METRIC_COLUMNS, run.counters.steps if resumed else None, writes,
+                          run.evaluating.step)
         if not resumed:
             self.log.table("hyperparameters", dataclasses.asdict(args))
         self.switches = on = switches(args, device)
@@ -984,7 +992,9 @@ class Session:
                   + ("" if args.eval_beside != "auto" else f" ({os.cpu_count()} cores; --eval-beside on|off to "
                                                            "choose)"), flush=True)
         # Beside training: the curve's process, the evaluations' process, the thread writing checkpoints.
-        self.curves, self.evaluations = Helper("curve", newest_only=True), Helper("evaluations")
+        curve = run_dir / "curve.png"
+        self.curves = Helper("curve", newest_only=True, on_end=lambda error: writes.ended(curve, error, "curve"))
+        self.evaluations = Helper("evaluations")
         self.checkpoints = Checkpoints(run_dir / "resume", args.keep_checkpoints)
         self.stop = StopRequest()  # last: train() gives the signals back from here on
 
@@ -1108,7 +1118,8 @@ def periodic_work(run: Run, session: Session) -> None:
     draw or write beside training."""
     counters, run_dir = run.counters, session.run_dir
     for episode in run.snapshots.passed(counters.episodes):
-        save_snapshot(run.target_net, run_dir / f"{episode}.pth")
+        path = run_dir / f"{episode}.pth"
+        session.writes(path, save_snapshot, run.target_net, path)
     if run.curve.passed(counters.episodes):
         run.history.lives.append([counters.steps, counters.episodes, counters.life_sum / max(1, counters.life_count)])
         counters.life_sum, counters.life_count = 0.0, 0
@@ -1125,7 +1136,7 @@ def draw_curve_beside(run: Run, session: Session, here: bool = False) -> None:
     """Hand curve.png's points to the curve's process (or, `here` or if it could not start, draw them now)."""
     path, data = session.run_dir / "curve.png", run.history.curve_data()
     if here or not session.curves.submit(draw_curve, path, data, session.args.env):
-        draw_curve(path, data, session.args.env)
+        session.writes(path, draw_curve, path, data, session.args.env)
 
 
 def start_evaluation(run: Run, session: Session) -> None:
@@ -1189,10 +1200,13 @@ def record_evaluation(run: Run, session: Session, result: dict) -> None:
     log.scalar("eval/games_clearing_the_wall", result["cleared"], step)
     message = (f"evaluation at step {step}: mean {result['mean']:.1f}, max {result['max']:.0f}, "
                f"{result['cleared']}/{args.eval_games} cleared the wall")
-    if counters.best_eval is None or result["mean"] > counters.best_eval:
-        counters.best_eval = result["mean"]
-        save_snapshot(run.evaluating.weights, session.run_dir / "best.pth")
-        message += "; best so far, saved best.pth"
+    best = counters.best_eval is None or result["mean"] > counters.best_eval
+    if best:
+        counters.best_eval, session.unsaved_best = result["mean"], run.evaluating.weights
+    if session.unsaved_best is not None and save_best(session):
+        message += "; best so far, saved best.pth" if best else "; best.pth written at last"
+    elif best:
+        message += "; best so far (best.pth is written at the next evaluation)"
     tqdm.write(message)
     if result["cleared"] and counters.first_clear is None:
         counters.first_clear = [step, seconds]
@@ -1201,13 +1215,23 @@ def record_evaluation(run: Run, session: Session, result: dict) -> None:
     run.evaluating = PendingEvaluation()
 
 
+def save_best(session: Session) -> bool:
+    """best.pth from the best evaluation's weights; where that fails, the next evaluation tries again."""
+    path = session.run_dir / "best.pth"
+    if session.writes(path, save_snapshot, session.unsaved_best, path):
+        session.unsaved_best = None
+    return session.unsaved_best is None
+
+
 def save_full_checkpoint(run: Run, session: Session, beside: bool = True) -> None:
     """resume/<step>/ from the run's state at this step, written beside training (plumbing.Checkpoints)."""
     counters = run.counters
     counters.seconds = session.elapsed()
     summary = dict(step=counters.steps, episode=counters.episodes, games=counters.games, updates=counters.updates,
-                   minutes=round(counters.seconds / 60, 2), env=session.args.env,
+                   minutes=round(counters.seconds / 60, 2), env=session.args.env, run_id=session.config["run_id"],
                    args=dataclasses.asdict(session.args))
+    if str(session.run_dir / "config.json") in session.writes.failing:
+        session.writes(session.run_dir / "config.json", write_json, session.run_dir / "config.json", session.config)
     session.checkpoints.save(run, f"{counters.steps:012d}", summary, beside)
 
 
@@ -1224,14 +1248,23 @@ def finish(run: Run, session: Session) -> None:
               "resumed run plays it again", flush=True)
     session.evaluations.close(timeout=5 if spent else 0)
     if spent:
-        save_snapshot(run.target_net, run_dir / f"{counters.episodes}.pth")
+        path = run_dir / f"{counters.episodes}.pth"
+        session.writes(path, save_snapshot, run.target_net, path)
         # Training is over: a process is started for this last curve only if one is running already.
         draw_curve_beside(run, session, here=session.curves.pool is None)
+    if session.unsaved_best is not None:
+        save_best(session)
     save_full_checkpoint(run, session, beside=False)
     session.curves.close(timeout=120)
     session.log.close()
     run.games.close()
-    if session.stop.signal is not None:
+    newest = session.checkpoints.newest()
+    if newest is None:
+        print(f"note: no checkpoint of this run could be written: free space in {run_dir}, then start it over with "
+              "its flags and --auto-resume", flush=True)
+    elif newest.name != f"{counters.steps:012d}":
+        print(f"note: the checkpoint of this step could not be written; --resume goes on from {newest}", flush=True)
+    if session.stop.signal is not None:  # the last two lines: a requeue (README, Slurm) looks for them
         print(f"stopped by {session.stop.signal} at episode {counters.episodes}, agent step {counters.steps}; "
               f"continue with:\n  python train_breakout.py --resume --checkpoints {run_dir}")
     else:
@@ -1239,30 +1272,97 @@ def finish(run: Run, session: Session) -> None:
               f"{session.elapsed() / 60:.1f} minutes; snapshot {run_dir / (str(counters.episodes) + '.pth')}")
 
 
-def train(args: Args, given: set) -> dict:
-    """Train until the budget is spent or a stop is asked for; returns the counters and a few figures."""
-    check_args(args)
-    args, run_dir, checkpoint = find_run(args, given)
-    device = pick_device(args.device)
-    torch.set_num_threads(torch_threads(args, device, learning=False))
-    if device.type == "cuda":  # TF32 for float32 matrix products (convolutions use it by default)
-        torch.set_float32_matmul_precision("high")
+def build_run(args: Args, device: torch.device) -> tuple[Run, int]:
+    """The games and a run at step 0 for `args`, once its replay memory is known to fit; and the memory's size."""
     games = make_games(args.env, args.envs, args.seed)
     replay_bytes = ReplayMemory.bytes_needed(args.memory, args.envs, args.frames, args.steps_per_transition,
                                              args.n_step)
-    check_memory_fits(replay_bytes, device)
-    print(describe(args, device=device, replay_memory=f"{replay_bytes / 2**30:.2f} GiB on {device} "
-                   f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)"), flush=True)
-    resumed = checkpoint is not None
-    config = dict(env=args.env, frames=args.frames, n_actions=len(games.actions), args=dataclasses.asdict(args))
-    open_run_folder(run_dir, None if resumed else config)
-    run = new_run(args, device, games)
-    if resumed:
-        restore(run, checkpoint, args, given)
-    else:
-        start_games(run, args)
-    del checkpoint  # its arrays are in the run now
-    session = Session(args, run_dir, device, run, resumed)
+    try:
+        check_memory_fits(replay_bytes, device)
+    except UserError:
+        games.close()
+        raise
+    return new_run(args, device, games), replay_bytes
+
+
+def resume_run(args: Args, given: set, device: torch.device, run_dir: Path, folders: list):
+    """(flags, run, replay bytes, run id) of the newest usable checkpoint of `folders`. The flags are the ones the
+    checkpoint was written with. A damaged checkpoint, one of another run, or one that does not fit the run its
+    flags describe is reported in one line, and the one before it is tried."""
+    config_id = (config_of(run_dir) or {}).get("run_id")
+    for folder in folders:
+        try:
+            state, arrays, manifest = load_checkpoint(folder)
+            summary = manifest.get("summary") if isinstance(manifest.get("summary"), dict) else {}
+            run_id = summary.get("run_id")
+            if run_id and config_id and run_id != config_id:
+                raise DamagedCheckpoint("it belongs to another run than config.json's")
+            run_args = resumed_args(args, given, summary, run_dir)
+            try:
+                check_args(run_args)
+            except UserError as e:
+                raise DamagedCheckpoint(f"its flags do not make a run: {e}") from None
+            run, replay_bytes = build_run(run_args, device)
+            try:
+                restore(run, (folder, (state, arrays, manifest)), run_args, given)
+            except Exception as e:  # shapes, names or types that are not this run's
+                run.games.close()
+                reason = (str(e).strip().splitlines() or [""])[0][:200]
+                raise DamagedCheckpoint(f"it does not fit the run its flags describe: {type(e).__name__}: "
+                                        f"{reason}") from None
+            return run_args, run, replay_bytes, run_id or config_id or new_run_id()
+        except DamagedCheckpoint as e:
+            if len(folders) == 1:
+                raise UserError(f"checkpoint {folder} is damaged ({e})") from None
+            print(f"warning: checkpoint {folder} is damaged ({e}); trying the one before it", file=sys.stderr,
+                  flush=True)
+    raise no_usable_checkpoint(run_dir)
+
+
+def train(args: Args, given: set) -> dict:
+    """Train until the budget is spent or a stop is asked for; returns the counters and a few figures. Every flag,
+    the device and the run's folder are checked before anything is written, and the folder stays locked."""
+    check_args(args)
+    device = pick_device(args.device)
+    run_dir = run_folder(args)
+    created = check_run_folder(run_dir)
+    lock, opened = RunLock(run_dir), False
+    lock.acquire()
+    try:
+        torch.set_num_threads(torch_threads(args, device, learning=False))
+        if device.type == "cuda":  # TF32 for float32 matrix products (convolutions use it by default)
+            torch.set_float32_matmul_precision("high")
+        clear_leftovers(run_dir)
+        folders = checkpoints_to_try(args, run_dir)
+        resumed = folders is not None
+        if resumed:
+            args, run, replay_bytes, run_id = resume_run(args, given, device, run_dir, folders)
+        else:
+            (run, replay_bytes), run_id = build_run(args, device), new_run_id()
+        print(describe(args, device=device, replay_memory=f"{replay_bytes / 2**30:.2f} GiB on {device} "
+                       f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)"), flush=True)
+        opened = True
+        config = dict(env=args.env, frames=args.frames, n_actions=len(run.games.actions), run_id=run_id,
+                      args=dataclasses.asdict(args))
+        writes = Writes()
+        writes(run_dir / "config.json", write_json, run_dir / "config.json", config)
+        free = free_bytes(run_dir)
+        if free is not None and free < 64 << 20:
+            print(f"note: only {free / 1e6:.0f} MB is free in {run_dir}: snapshots, logs and checkpoints that do "
+                  "not fit fail (one warning each) until space is freed; training goes on", flush=True)
+        if not resumed:
+            start_games(run, args)
+        session = Session(args, run_dir, device, run, resumed, writes, config)
+        return train_session(run, session, replay_bytes)
+    finally:
+        lock.release()
+        if created and not opened:  # a start refused: nothing is left that would refuse the corrected command
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def train_session(run: Run, session: Session, replay_bytes: int) -> dict:
+    """The training loop of a started (or resumed) run, then its end."""
+    run_dir = session.run_dir
     try:
         if run.evaluating.step is not None:  # it was playing beside training when the checkpoint was taken
             tqdm.write(f"playing again the evaluation of step {run.evaluating.step}, which was playing when the "
