@@ -86,8 +86,15 @@ def load_network(path: str, device: torch.device) -> DuelingNetwork:
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or "conv1.weight" not in state or "act_fc2.weight" not in state:
         raise UserError(f"{path} does not hold a Dueling DQN state_dict (conv1 ... value_fc2)")
-    frames, n_actions = state["conv1.weight"].shape[1], state["act_fc2.weight"].shape[0]
-    net = DuelingNetwork(frames, n_actions).to(device)
+    odd = sorted(k for k, v in state.items() if not (isinstance(v, torch.Tensor) and v.is_floating_point()))
+    if odd:
+        raise UserError(f"{path} does not hold a Dueling DQN state_dict: {', '.join(odd[:3])} "
+                        f"{'is not a tensor of floats' if len(odd) == 1 else 'are not tensors of floats'}")
+    conv1, act_fc2 = state["conv1.weight"], state["act_fc2.weight"]
+    if conv1.dim() != 4 or act_fc2.dim() != 2 or not (0 < conv1.shape[1] <= 64 and 0 < act_fc2.shape[0] <= 64):
+        raise UserError(f"{path} holds a network of another architecture: conv1.weight {tuple(conv1.shape)}, "
+                        f"act_fc2.weight {tuple(act_fc2.shape)}")
+    net = DuelingNetwork(conv1.shape[1], act_fc2.shape[0]).to(device)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

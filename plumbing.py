@@ -220,10 +220,39 @@ def write_json(path: Path, value) -> None:
     write_atomically(path, lambda f: f.write(json.dumps(value, indent=1)), text=True)
 
 
+class _Writes:
+    """An open file as torch.save sees it, keeping the error of a write that failed."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def torch_save(value, f) -> None:
+    """torch.save to the open file `f`; a failed write comes out as the OSError it was (PyTorch raises it again as
+    a RuntimeError about positions in its zip file, which does not say "no space left")."""
+    file = _Writes(f)
+    try:
+        torch.save(value, file)
+    except RuntimeError:
+        if file.error is not None:
+            raise file.error from None
+        raise
+
+
 def save_snapshot(net: torch.nn.Module | dict, path: Path) -> None:
     """A network, or its state_dict, as a .pth the tutorial's code loads (plain tensors, on the CPU)."""
     state = {k: v.detach().cpu().contiguous() for k, v in (net if isinstance(net, dict) else net.state_dict()).items()}
-    write_atomically(path, lambda f: torch.save(state, f))
+    write_atomically(path, lambda f: torch_save(state, f))
 
 
 def sha256(path: Path) -> str:
@@ -412,7 +441,7 @@ def save_checkpoint(root: Path, name: str, state: dict, arrays: dict, summary: d
     tmp.mkdir()
     try:
         with open(tmp / "state.pt", "wb") as f:  # closed even when the write fails, so its space comes back
-            torch.save(state, f)
+            torch_save(state, f)
         for key, value in arrays.items():
             save_array(tmp / f"{key}.npy.zst", value)
         files = {}
@@ -519,20 +548,19 @@ class Checkpoints:
         tqdm.write(f"checkpoint: {folder} ({size / 1e6:.1f} MB in {time.time() - started:.1f} s)")
 
     def _make_room(self) -> None:
-        """Where the disk cannot hold one more checkpoint beside those kept, remove the oldest, down to one."""
+        """Where the disk cannot hold one more checkpoint beside those kept but could without the oldest, remove the
+        oldest (never the newest)."""
+        size = lambda folder: sum(f.stat().st_size for f in folder.iterdir())
         folders = checkpoint_folders(self.root)
-        if len(folders) < 2:
-            return
         try:
-            needed = 1.1 * sum(f.stat().st_size for f in folders[-1].iterdir())
-        except OSError:
-            return
-        free = free_bytes(self.root)
-        while free is not None and free < needed and len(folders) > 1:
-            shutil.rmtree(folders.pop(0), ignore_errors=True)
-            tqdm.write(f"note: {free / 1e6:.0f} MB free for a checkpoint of about {needed / 1e6:.0f} MB: the oldest "
-                       f"checkpoint is removed to make room, {folders[-1].name} is kept")
-            free = free_bytes(self.root)
+            needed, free = 1.1 * size(folders[-1]), free_bytes(self.root)
+            while free is not None and free < needed <= free + size(folders[0]) and len(folders) > 1:
+                tqdm.write(f"note: {free / 1e6:.0f} MB free for a checkpoint of about {needed / 1e6:.0f} MB: the "
+                           f"oldest checkpoint, {folders[0].name}, is removed to make room")
+                shutil.rmtree(folders.pop(0), ignore_errors=True)
+                free = free_bytes(self.root)
+        except (OSError, IndexError):
+            pass
 
     def newest(self) -> Optional[Path]:
         """The checkpoint a resume would use now: the newest one written whole."""
@@ -585,24 +613,30 @@ class RunLock:
         except OSError:
             pass  # a full disk: the lock holds all the same, only its holder goes unnamed
 
-    def _held_by(self) -> str:
-        try:
-            h = json.loads(self.holder.read_text())
-            return f"process {h['pid']} on {h['host']}, since {h['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "a process that is starting"
+    def _held_by(self, wait: float = 2.0) -> str:
+        """The holder, as it names itself once it holds the lock (a holder that is starting gets `wait` s)."""
+        deadline = time.time() + wait
+        while True:
+            try:
+                h = json.loads(self.holder.read_text())
+                if h["host"] != socket.gethostname() or psutil.pid_exists(h["pid"]):
+                    return f"process {h['pid']} on {h['host']}, since {h['since']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            if time.time() > deadline:
+                return "a process that is starting"
+            time.sleep(0.05)
 
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
 
 
-def check_run_folder(run_dir: Path) -> bool:
-    """Refuse, before anything is built, a run folder that cannot be created or written to; True if it was
-    created now."""
+def check_run_folder(run_dir: Path) -> None:
+    """Refuse, before anything is built, a run folder that cannot be created or written to (its lock file and,
+    for a new folder, the folder are all it leaves behind, which refuse nothing)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--checkpoints {run_dir} is a file, not a folder")
-    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -611,7 +645,6 @@ def check_run_folder(run_dir: Path) -> bool:
     except OSError as e:
         if e.errno != errno.ENOSPC:  # a full disk is no reason to refuse: the run starts, and says so
             raise UserError(f"cannot write to the run's folder {run_dir} ({e.strerror or e})") from None
-    return created
 
 
 def config_of(run_dir: Path) -> Optional[dict]:
@@ -754,10 +787,18 @@ class Helper:
                 self.failed = True
                 return False
         try:
-            if self.pool is None:
-                self.pool = concurrent.futures.ProcessPoolExecutor(
-                    1, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_started)
-            self.current = self.pool.submit(work, *args)
+            for attempt in range(2):
+                if self.pool is None:
+                    self.pool = concurrent.futures.ProcessPoolExecutor(
+                        1, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_started)
+                try:
+                    self.current = self.pool.submit(work, *args)
+                    break
+                except BrokenProcessPool:  # its process died while it had no job: start another
+                    if attempt:
+                        raise
+                    self.pool.shutdown(wait=False)
+                    self.pool, self.deaths = None, self.deaths + 1
         except (OSError, RuntimeError) as e:
             tqdm.write(f"note: no process could start for the {self.name} ({e}); the training loop does it")
             self.failed, self.pool = True, None
@@ -1013,7 +1054,8 @@ class RunLog:
         was playing beside training when the checkpoint was taken (it is played again)."""
         try:
             with open(self.path, newline="") as f:
-                lines = list(csv.reader(f))
+                text = f.read()
+            lines = list(csv.reader(io.StringIO(text)))
         except FileNotFoundError:
             print(f"note: {self.path} is missing; it starts again with its header (the rows before step "
                   f"{resume_step} are in the checkpoint's history, which curve.png draws)", flush=True)
@@ -1027,7 +1069,8 @@ class RunLog:
             lines = lines[1:]
         kept, damaged, last_damaged = [], 0, False
         for n, r in enumerate(lines):
-            ok = len(r) == len(self.columns) and r[0] in ("game", "eval") and r[1].isdigit()
+            whole = n < len(lines) - 1 or text.endswith("\n")  # a write cut short leaves its line unended
+            ok = whole and len(r) == len(self.columns) and r[0] in ("game", "eval") and r[1].isdigit()
             damaged += not ok
             last_damaged = not ok and n == len(lines) - 1
             if ok and int(r[1]) <= resume_step and not (r[0] == "eval" and int(r[1]) == replayed_eval):

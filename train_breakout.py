@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -1325,8 +1324,8 @@ def train(args: Args, given: set) -> dict:
     check_args(args)
     device = pick_device(args.device)
     run_dir = run_folder(args)
-    created = check_run_folder(run_dir)
-    lock, opened = RunLock(run_dir), False
+    check_run_folder(run_dir)
+    lock = RunLock(run_dir)
     lock.acquire()
     try:
         torch.set_num_threads(torch_threads(args, device, learning=False))
@@ -1341,7 +1340,6 @@ def train(args: Args, given: set) -> dict:
             (run, replay_bytes), run_id = build_run(args, device), new_run_id()
         print(describe(args, device=device, replay_memory=f"{replay_bytes / 2**30:.2f} GiB on {device} "
                        f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)"), flush=True)
-        opened = True
         config = dict(env=args.env, frames=args.frames, n_actions=len(run.games.actions), run_id=run_id,
                       args=dataclasses.asdict(args))
         writes = Writes()
@@ -1356,8 +1354,6 @@ def train(args: Args, given: set) -> dict:
         return train_session(run, session, replay_bytes)
     finally:
         lock.release()
-        if created and not opened:  # a start refused: nothing is left that would refuse the corrected command
-            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def train_session(run: Run, session: Session, replay_bytes: int) -> dict:

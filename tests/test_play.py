@@ -109,6 +109,13 @@ def other_architecture(path: Path) -> None:
     torch.save(state, path)
 
 
+def names_without_the_network(path: Path, change) -> None:
+    """The tutorial's names, whose tensors do not form the network."""
+    state = tb.DuelingNetwork(6, 4).state_dict()
+    change(state)
+    torch.save(state, path)
+
+
 def pong_run_folder(path: Path) -> None:
     """A Breakout network in a folder whose config.json says the run was Pong (6 actions)."""
     torch.save(tb.DuelingNetwork(6, 4).state_dict(), path)
@@ -122,7 +129,12 @@ def pong_run_folder(path: Path) -> None:
     (tutorial_file, ["--env", "ALE/NoSuchGame-v5"], "unknown game"),
     (tutorial_file, ["--episodes", 0], "--episodes must be positive"),
     (pong_run_folder, [], "chooses among 4 actions but ALE/Pong-v5 has 6"),
-], ids=["missing", "not-a-checkpoint", "other-architecture", "unknown-env", "zero-episodes", "action-count"])
+    (lambda p: names_without_the_network(p, lambda s: s.update({"conv1.weight": torch.zeros(32)})), [],
+     "another architecture: conv1.weight (32,)"),
+    (lambda p: names_without_the_network(p, lambda s: s.update({"value_fc2.bias": 0.5})), [],
+     "value_fc2.bias is not a tensor of floats"),
+], ids=["missing", "not-a-checkpoint", "other-architecture", "unknown-env", "zero-episodes", "action-count",
+        "flat-conv1", "number-not-tensor"])
 def test_bad_input_is_one_line_and_status_2(tmp_path, make, flags, message):
     path = tmp_path / "given.pth"
     if make is not None:

@@ -1,0 +1,321 @@
+"""Faults users meet, made for real: a full disk (a small tmpfs, mounted as root), two trainers on one folder,
+kill -9 of the trainer and of its helper processes, damaged files in the run's folder, folders that cannot be
+written to, and bad seeds."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import plumbing  # noqa: E402
+from test_resume import (RECIPE, assert_same_run, counters, final_checkpoint, start, train,  # noqa: E402
+                         wait_for_games)
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A small file system of its own (tmpfs, 400 MiB), so that filling it fills nothing else."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {r.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(mount: Path) -> Path:
+    """Fill the file system to its last byte with one file; deleting it gives the space back."""
+    ballast = mount / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (MiB, 4096):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    assert shutil.disk_usage(mount).free < MiB
+    return ballast
+
+
+def held_space(mount: Path) -> int:
+    """Bytes the file system has in use beyond its files' sizes: space held by deleted files still open."""
+    files = sum(f.stat().st_size for f in mount.rglob("*") if f.is_file())
+    used = shutil.disk_usage(mount).used
+    return used - files
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, f"the run ended before {what}"
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_full_disk_loses_nothing_and_a_resume_after_freeing_space_ends_as_an_uninterrupted_run(tmp_path, disk):
+    straight = tmp_path / "straight"
+    train(straight, "--steps", "3000")
+    run, log = disk / "run", tmp_path / "stdout.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train_breakout.py"), "--checkpoints", str(run), *RECIPE,
+                                 "--steps", "100000", "--checkpoint-minutes", "0.01"], stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: plumbing.checkpoint_folders(run / "resume"), proc, "a first checkpoint")
+        ballast = fill(disk)
+        # A snapshot (every 20 episodes), a metrics row, a full checkpoint and curve.png meet the full disk.
+        for what in ("could not write a checkpoint (no space left on device)", ".pth (no space left on device)",
+                     "metrics.csv (no space left on device)"):
+            wait_for(lambda: what in log.read_text(), proc, f"the warning '{what}'")
+        assert held_space(disk) < MiB, "a failed write still holds its space"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 0 and "Traceback" not in text, text[-3000:]
+    last = text.strip().splitlines()
+    assert last[-2].startswith("stopped by SIGTERM"), last[-4:]
+    newest = plumbing.checkpoint_folders(run / "resume")[-1]
+    assert f"the checkpoint of this step could not be written; --resume goes on from {newest}" in text
+    step = counters(newest)["steps"]
+    assert step < 3000
+    # Nothing on disk was damaged: every row of metrics.csv is whole, the checkpoint loads.
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert all(r.count(",") == 10 for r in rows), "a row of metrics.csv was cut short"
+
+    # --resume with no space free starts, says saving will fail, and ends with the same checkpoint kept.
+    p = train(run, "--resume", "--steps", str(step + 100))
+    assert "snapshots, logs and checkpoints that do not fit fail" in p.stdout
+    assert f"--resume goes on from {newest}" in p.stdout and "Traceback" not in p.stderr
+
+    ballast.unlink()
+    train(run, "--resume", "--steps", "3000")
+    assert_same_run(straight, run)
+
+
+def test_a_checkpoint_that_meets_a_full_disk_inside_pytorch_says_so_and_gives_the_space_back(disk, capsys):
+    """PyTorch raises a full disk as a RuntimeError about its zip file; the warning says "no space left", no
+    temporary folder stays, and no deleted file keeps holding space."""
+    import numpy as np
+    import torch
+    small = disk / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        writer = plumbing.Checkpoints(small / "resume", keep=2)
+
+        class Part:
+            def __init__(self, n):
+                self.weights = torch.ones(n)
+                self.ARRAYS, self.table = ("table",), np.ones(n, np.uint8)
+
+            def state_dict(self):
+                return dict(weights=self.weights, table=self.table)
+
+        import dataclasses
+
+        @dataclasses.dataclass
+        class State:
+            part: Part
+
+        writer._write("a", *plumbing.state_files(State(Part(2 * MiB))), {}, time.time())
+        out = capsys.readouterr().out
+        assert "could not write a checkpoint (no space left on device); there is no earlier one" in out, out
+        assert not list((small / "resume").iterdir())
+        assert held_space(small) < 64 * 1024
+        writer._write("b", *plumbing.state_files(State(Part(1000))), {}, time.time())  # room again: it is written
+        assert plumbing.load_checkpoint(small / "resume" / "b")[0]["part"]["weights"].numel() == 1000
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_two_trainers_on_one_folder_one_is_refused_and_a_lock_left_by_kill_9_blocks_nothing(tmp_path):
+    run = tmp_path / "run"
+    # Started together, with different seeds: one trains, the other is refused, and nothing mixes.
+    procs = [start(run, "--steps", "900", "--seed", str(seed)) for seed in (3, 4)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2], [r[2][-500:] for r in results]
+    loser = next(r for r in results if r[0] == 2)
+    assert loser[2].count("\n") == 1 and ("is in use by another trainer (process " in loser[2]
+                                          or "already holds a run" in loser[2]), loser[2]
+    winner_seed = 3 if results[0][0] == 0 else 4
+    assert json.loads((run / "config.json").read_text())["args"]["seed"] == winner_seed
+    assert plumbing.load_checkpoint(final_checkpoint(run))[2]["summary"]["args"]["seed"] == winner_seed
+
+    # One after the other: a second start (--auto-resume, as a re-run cell) is refused while the first runs,
+    # and deletes nothing of it.
+    seed = ["--seed", str(winner_seed)]
+    proc = start(run, "--resume", "--steps", "100000", "--checkpoint-minutes", "0.01", *seed)
+    try:
+        wait_for_games(run, 40, proc)
+        p = train(run, "--auto-resume", *seed, check=False)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+        assert f"is in use by another trainer (process {proc.pid} on " in p.stderr
+        assert proc.poll() is None
+        # kill -9 leaves the lock file behind; the next start is not blocked by it.
+        proc.kill()
+        proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (run / ".trainer.lock").exists()
+    step = counters(plumbing.latest_checkpoint(run)[0])["steps"]
+    assert f"agent step {step}" in train(run, "--resume", "--steps", str(step + 60), *seed).stdout
+
+
+def helper_processes(trainer: psutil.Process) -> list:
+    return [c for c in trainer.children(recursive=True)
+            if "multiprocessing.spawn" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def test_helpers_killed_with_kill_9_come_back_for_the_next_evaluation_and_curve(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, "--steps", "100000", "--eval-beside", "on", "--eval-every", "400", "--plot-every", "5")
+    # (the trainer's children: the two helpers and multiprocessing's resource tracker)
+    try:
+        evals = lambda: (run / "metrics.csv").read_text().count("\neval,") if (run / "metrics.csv").exists() else 0
+        wait_for(lambda: evals() >= 1 and (run / "curve.png").exists(), proc, "an evaluation and a curve")
+        trainer = psutil.Process(proc.pid)
+        wait_for(lambda: len(helper_processes(trainer)) == 2, proc, "both helper processes")
+        for helper in helper_processes(trainer):
+            helper.kill()
+        killed, seen = time.time(), evals()
+        wait_for(lambda: evals() >= seen + 2, proc, "two evaluations after the kill")
+        wait_for(lambda: (run / "curve.png").stat().st_mtime > killed + 1, proc, "a curve drawn after the kill")
+        assert len(helper_processes(trainer)) >= 1
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    # A process killed during its job is reported (the Helper's own test makes sure of it); one killed between
+    # jobs is simply started again. Either way the work went on in processes of their own, not in the loop.
+    assert "the training loop does" not in out
+
+
+def kill_myself():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_helper_comes_back_after_kill_9_and_one_that_keeps_dying_hands_its_work_to_the_loop(capsys):
+    """At the Helper's level, the real thing: jobs whose process ends by kill -9."""
+    helper = plumbing.Helper("evaluations")
+
+    def run(work):
+        assert helper.submit(work) is True
+        return helper.poll(wait=True)
+
+    try:
+        first = run(os.getpid)
+        assert run(kill_myself) == (False, "its process died; the next one starts another")
+        again = run(os.getpid)
+        assert again[0] and again[1] != first[1]  # a new process
+        for _ in range(plumbing.Helper.DEATHS):
+            assert not run(kill_myself)[0]
+        assert helper.submit(os.getpid) is False  # the caller does the work from now on
+        assert "the evaluations' process died 3 times in a row" in capsys.readouterr().out
+    finally:
+        helper.close(timeout=0)
+
+
+def test_damaged_loose_files_neither_block_nor_change_a_resume(tmp_path):
+    run = tmp_path / "run"
+    train(run, "--steps", "300", "--checkpoint-minutes", "0.001")
+    metrics, config = run / "metrics.csv", run / "config.json"
+    good_config = config.read_text()
+    # metrics.csv cut mid-line (a full disk), and config.json without one field (it came back with that flag's
+    # default before): the line is dropped, and the checkpoint's flags resume.
+    metrics.write_bytes(metrics.read_bytes()[:-7])
+    edited = json.loads(good_config)
+    del edited["args"]["memory"]
+    config.write_text(json.dumps(edited))
+    p = train(run, "--resume", "--steps", "400")
+    assert "its last line was cut short, and dropped" in p.stdout
+    assert "memory = 300" in p.stdout and json.loads(config.read_text())["args"]["memory"] == 300
+    assert metrics.read_text().endswith("\n") and all(r.count(",") == 10 for r in metrics.read_text().splitlines())
+    # metrics.csv missing: started again with its header; config.json empty: written again from the checkpoint.
+    metrics.unlink()
+    config.write_text("")
+    p = train(run, "--resume", "--steps", "500")
+    assert "metrics.csv is missing; it starts again with its header" in p.stdout
+    assert metrics.read_text().startswith("kind,step,")
+    assert json.loads(config.read_text())["args"]["memory"] == 300
+    # A newest checkpoint that does not fit the run its flags describe: one line, and the one before it.
+    folders = plumbing.checkpoint_folders(run / "resume")
+    manifest = json.loads((folders[-1] / "manifest.json").read_text())
+    manifest["summary"]["args"]["frames"] = 4  # a flag the command does not give
+    (folders[-1] / "manifest.json").write_text(json.dumps(manifest))
+    p = train(run, "--resume", "--steps", "600")
+    assert f"checkpoint {folders[-1]} is damaged (it does not fit the run its flags describe" in p.stderr
+    assert f"resumed from {folders[-2]}" in p.stdout
+    # A checkpoint of another run put in resume/: refused, the run's own one used.
+    other = tmp_path / "other"
+    train(other, "--steps", "700", "--seed", "5")
+    shutil.copytree(final_checkpoint(other), run / "resume" / f"{700:012d}")
+    p = train(run, "--resume", "--steps", "650")
+    assert "it belongs to another run than config.json's" in p.stderr and "resumed from" in p.stdout
+    resumed = next(line for line in p.stdout.splitlines() if line.startswith("resumed from"))
+    assert f"resume/{600:012d}:" in resumed and "seed = 3" in p.stdout
+
+
+def test_when_no_checkpoint_is_usable_the_way_out_given_works(tmp_path):
+    run = tmp_path / "run"
+    train(run, "--steps", "200", "--checkpoint-minutes", "0.001")
+    for folder in plumbing.checkpoint_folders(run / "resume"):
+        (folder / "state.pt").write_bytes(b"damaged")
+    p = train(run, "--resume", "--steps", "300", check=False)
+    assert p.returncode == 2 and "start a new run with --checkpoints NEW_FOLDER, or move" in p.stderr
+    (run / "resume").rename(tmp_path / "resume-damaged")
+    p = train(run, "--auto-resume", "--steps", "100")
+    assert "resumed from" not in p.stdout and final_checkpoint(run).name == f"{100:012d}"
+
+
+@pytest.mark.parametrize("case", ["a-file", "under-proc", "read-only", "seed-negative", "seed-too-big"])
+def test_bad_folders_and_seeds_are_refused_before_anything_is_written(tmp_path, case):
+    run, flags = tmp_path / "run", []
+    if case == "a-file":
+        run.write_text("")
+    elif case == "under-proc":
+        run = Path("/proc/no-such-run")
+    elif case == "read-only":
+        run.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(run)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip("cannot mount a read-only tmpfs (needs root)")
+    else:
+        flags = ["--seed", "-1" if case == "seed-negative" else str(2**31)]
+    try:
+        p = subprocess.run([sys.executable, str(ROOT / "train_breakout.py"), "--checkpoints", str(run), *RECIPE,
+                            "--steps", "60", *flags], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: "), p.stderr[-2000:]
+        assert "recipe and run" not in p.stdout  # refused before the games were built
+        if case.startswith("seed"):
+            assert "--seed must lie in [0, 2147483647]" in p.stderr
+            assert not run.exists()  # nothing left behind: the corrected command starts the run
+            train(run, "--steps", "60")
+    finally:
+        if case == "read-only":
+            subprocess.run(["umount", "-l", str(run)], check=False)
