@@ -174,12 +174,12 @@ class Writes:
         self.failing: dict = {}  # path: why its last write failed
         self.lock = threading.Lock()  # the checkpoint writer's thread reports here too
 
-    def __call__(self, path: Path, write, *args) -> bool:
-        """`write(*args)`, which writes `path`; False if it failed."""
+    def __call__(self, path: Path, write, *args, then: str = "training goes on; the next write tries again") -> bool:
+        """`write(*args)`, which writes `path`; False if it failed (`then` says what follows)."""
         try:
             write(*args)
         except (OSError, RuntimeError) as e:
-            self.failed(path, e)
+            self.failed(path, e, then)
             return False
         self.succeeded(path)
         return True
@@ -243,10 +243,15 @@ def torch_save(value, f) -> None:
     file = _Writes(f)
     try:
         torch.save(value, file)
+        return
     except RuntimeError:
-        if file.error is not None:
-            raise file.error from None
-        raise
+        if file.error is None:
+            raise
+        error, file.error = file.error, None
+    try:
+        raise error from None
+    finally:
+        del error  # no cycle through this frame keeps the caller's frames (and the run) alive
 
 
 def save_snapshot(net: torch.nn.Module | dict, path: Path) -> None:
@@ -627,24 +632,38 @@ class RunLock:
                 return "a process that is starting"
             time.sleep(0.05)
 
-    def release(self) -> None:
+    def release(self, remove_folder: bool = False) -> None:
+        """Let the folder go; with `remove_folder`, a folder this start created and wrote nothing else to is
+        removed too."""
+        if remove_folder:
+            self.holder.unlink(missing_ok=True)
         if self.lock is not None:
             self.lock.release()
+        if remove_folder:
+            try:
+                (self.run_dir / ".trainer.lock").unlink(missing_ok=True)
+                self.run_dir.rmdir()  # only if empty
+            except OSError:
+                pass
 
 
-def check_run_folder(run_dir: Path) -> None:
-    """Refuse, before anything is built, a run folder that cannot be created or written to (its lock file and,
-    for a new folder, the folder are all it leaves behind, which refuse nothing)."""
+def check_run_folder(run_dir: Path) -> bool:
+    """Refuse, before anything is built, a run folder that cannot be created or written to; True if it was
+    created now."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--checkpoints {run_dir} is a file, not a folder")
+    created = False
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if not run_dir.is_dir():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            created = True
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as e:
         if e.errno != errno.ENOSPC:  # a full disk is no reason to refuse: the run starts, and says so
             raise UserError(f"cannot write to the run's folder {run_dir} ({e.strerror or e})") from None
+    return created
 
 
 def config_of(run_dir: Path) -> Optional[dict]:

@@ -139,6 +139,7 @@ def parse_args(argv=None) -> tuple[Args, set]:
 def check_args(a: Args) -> None:
     """Refuse impossible values before anything is allocated: each flag against its bounds, then the pairs."""
     check_bounds(a)
+    ale_settings(a.env)
     if a.n_step > 1 and a.block != 1:
         raise UserError("--n-step above 1 needs --block 1 (one stored transition per agent step)")
     if a.memory < a.batch_size:
@@ -1118,7 +1119,7 @@ def periodic_work(run: Run, session: Session) -> None:
     counters, run_dir = run.counters, session.run_dir
     for episode in run.snapshots.passed(counters.episodes):
         path = run_dir / f"{episode}.pth"
-        session.writes(path, save_snapshot, run.target_net, path)
+        session.writes(path, save_snapshot, run.target_net, path, then="training goes on without this snapshot")
     if run.curve.passed(counters.episodes):
         run.history.lives.append([counters.steps, counters.episodes, counters.life_sum / max(1, counters.life_count)])
         counters.life_sum, counters.life_count = 0.0, 0
@@ -1324,7 +1325,7 @@ def train(args: Args, given: set) -> dict:
     check_args(args)
     device = pick_device(args.device)
     run_dir = run_folder(args)
-    check_run_folder(run_dir)
+    created, started = check_run_folder(run_dir), False
     lock = RunLock(run_dir)
     lock.acquire()
     try:
@@ -1342,7 +1343,7 @@ def train(args: Args, given: set) -> dict:
                        f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)"), flush=True)
         config = dict(env=args.env, frames=args.frames, n_actions=len(run.games.actions), run_id=run_id,
                       args=dataclasses.asdict(args))
-        writes = Writes()
+        writes, started = Writes(), True
         writes(run_dir / "config.json", write_json, run_dir / "config.json", config)
         free = free_bytes(run_dir)
         if free is not None and free < 64 << 20:
@@ -1352,8 +1353,8 @@ def train(args: Args, given: set) -> dict:
             start_games(run, args)
         session = Session(args, run_dir, device, run, resumed, writes, config)
         return train_session(run, session, replay_bytes)
-    finally:
-        lock.release()
+    finally:  # a start refused leaves nothing behind, so the corrected command works
+        lock.release(remove_folder=created and not started)
 
 
 def train_session(run: Run, session: Session, replay_bytes: int) -> dict:

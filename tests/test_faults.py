@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,21 +38,35 @@ def disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def fill(mount: Path) -> Path:
-    """Fill the file system to its last byte with one file; deleting it gives the space back."""
-    ballast = mount / "ballast"
-    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
-    try:
-        for size in (MiB, 4096):
+class Full:
+    """Keeps a file system full to its last byte with one file, as other writers fill a shared Drive: space that
+    comes free (a failed write giving its space back) is taken again at once. `free` deletes the file."""
+
+    def __init__(self, mount: Path):
+        self.path, self.stop = mount / "ballast", threading.Event()
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT)
+        self._top_up(MiB)
+        assert shutil.disk_usage(mount).free < MiB
+        self.thread = threading.Thread(target=self._keep_full, daemon=True)
+        self.thread.start()
+
+    def _top_up(self, size: int) -> None:
+        for chunk in (size, 4096):
             try:
-                while os.write(fd, b"\0" * size):
+                while os.write(self.fd, b"\0" * chunk):
                     pass
             except OSError:
                 pass
-    finally:
-        os.close(fd)
-    assert shutil.disk_usage(mount).free < MiB
-    return ballast
+
+    def _keep_full(self) -> None:
+        while not self.stop.wait(0.005):
+            self._top_up(4096)
+
+    def free(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        os.close(self.fd)
+        self.path.unlink()
 
 
 def held_space(mount: Path) -> int:
@@ -77,11 +92,12 @@ def test_a_full_disk_loses_nothing_and_a_resume_after_freeing_space_ends_as_an_u
     run, log = disk / "run", tmp_path / "stdout.txt"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "train_breakout.py"), "--checkpoints", str(run), *RECIPE,
-                                 "--steps", "100000", "--checkpoint-minutes", "0.01"], stdout=out,
+                                 "--steps", "100000", "--checkpoint-minutes", "0.01", "--keep-checkpoints", "1"],
+                                stdout=out,
                                 stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: plumbing.checkpoint_folders(run / "resume"), proc, "a first checkpoint")
-        ballast = fill(disk)
+        full = Full(disk)
         # A snapshot (every 20 episodes), a metrics row, a full checkpoint and curve.png meet the full disk.
         for what in ("could not write a checkpoint (no space left on device)", ".pth (no space left on device)",
                      "metrics.csv (no space left on device)"):
@@ -92,6 +108,7 @@ def test_a_full_disk_loses_nothing_and_a_resume_after_freeing_space_ends_as_an_u
     finally:
         if proc.poll() is None:
             proc.kill()
+    full.stop.set()  # the disk stays full, no longer topped up
     text = log.read_text()
     assert proc.returncode == 0 and "Traceback" not in text, text[-3000:]
     last = text.strip().splitlines()
@@ -109,7 +126,7 @@ def test_a_full_disk_loses_nothing_and_a_resume_after_freeing_space_ends_as_an_u
     assert "snapshots, logs and checkpoints that do not fit fail" in p.stdout
     assert f"--resume goes on from {newest}" in p.stdout and "Traceback" not in p.stderr
 
-    ballast.unlink()
+    full.free()
     train(run, "--resume", "--steps", "3000")
     assert_same_run(straight, run)
 
@@ -144,8 +161,15 @@ def test_a_checkpoint_that_meets_a_full_disk_inside_pytorch_says_so_and_gives_th
         assert "could not write a checkpoint (no space left on device); there is no earlier one" in out, out
         assert not list((small / "resume").iterdir())
         assert held_space(small) < 64 * 1024
-        writer._write("b", *plumbing.state_files(State(Part(1000))), {}, time.time())  # room again: it is written
-        assert plumbing.load_checkpoint(small / "resume" / "b")[0]["part"]["weights"].numel() == 1000
+        writer._write("b", *plumbing.state_files(State(Part(400_000))), {}, time.time())  # it fits: written
+        assert plumbing.load_checkpoint(small / "resume" / "b")[0]["part"]["weights"].numel() == 400_000
+        # Two checkpoints of 1.6 MB kept, no room for a third beside them but room without the oldest: the
+        # oldest is removed first, and the new one is written.
+        writer._write("c", *plumbing.state_files(State(Part(400_000))), {}, time.time())
+        writer._write("d", *plumbing.state_files(State(Part(400_000))), {}, time.time())
+        out = capsys.readouterr().out
+        assert "the oldest checkpoint, b, is removed to make room" in out, out
+        assert [f.name for f in plumbing.checkpoint_folders(small / "resume")] == ["c", "d"]
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
 

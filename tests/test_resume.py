@@ -221,7 +221,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tmp_pa
     monkeypatch.setattr(plumbing, "save_array", real_save)
     assert summary["steps"] == 400
     out = capsys.readouterr().out
-    assert "could not write a checkpoint (No space left on device); the previous one is kept" in out
+    assert "could not write a checkpoint (no space left on device); the previous one is kept" in out
     assert final_checkpoint(run).name == f"{200:012d}"
     assert not list((run / "resume").glob(".tmp-*"))
 
