@@ -1,6 +1,7 @@
 """The run's plumbing, which no reader of the DQN needs: the checkpoint file format, saving and restoring a
-declared state, the run's folder, stop signals, work beside training (a writer thread, helper processes),
-metrics.csv and TensorBoard, curve.png, videos, and one-line errors. It imports nothing from train_breakout.py.
+declared state, writes that survive a full disk, the run's folder and its lock, stop signals, work beside
+training (a writer thread, helper processes that come back), metrics.csv and TensorBoard, curve.png, videos,
+and one-line errors. It imports nothing from train_breakout.py.
 
 A full checkpoint is a folder resume/<step>/ of two kinds of file: each array a part declares (its `ARRAYS`)
 as a zstd-compressed .npy, and everything else in state.pt (read back with weights_only=True); manifest.json,

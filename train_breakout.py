@@ -1307,6 +1307,7 @@ def resume_run(args: Args, given: set, device: torch.device, run_dir: Path, fold
                 restore(run, (folder, (state, arrays, manifest)), run_args, given)
             except Exception as e:  # shapes, names or types that are not this run's
                 run.games.close()
+                del run  # before the next one is built: two replay memories may not fit
                 reason = (str(e).strip().splitlines() or [""])[0][:200]
                 raise DamagedCheckpoint(f"it does not fit the run its flags describe: {type(e).__name__}: "
                                         f"{reason}") from None
