@@ -221,7 +221,7 @@ def write_json(path: Path, value) -> None:
     write_atomically(path, lambda f: f.write(json.dumps(value, indent=1)), text=True)
 
 
-class _Writes:
+class _RecordedFile:
     """An open file as torch.save sees it, keeping the error of a write that failed."""
 
     def __init__(self, f):
@@ -241,7 +241,7 @@ class _Writes:
 def torch_save(value, f) -> None:
     """torch.save to the open file `f`; a failed write comes out as the OSError it was (PyTorch raises it again as
     a RuntimeError about positions in its zip file, which does not say "no space left")."""
-    file = _Writes(f)
+    file = _RecordedFile(f)
     try:
         torch.save(value, file)
         return
