@@ -217,6 +217,13 @@ def free_bytes(folder: Path) -> Optional[int]:
         return None
 
 
+def say_if_short_of_space(run_dir: Path) -> None:
+    free = free_bytes(run_dir)
+    if free is not None and free < 64 << 20:
+        print(f"note: only {free / 1e6:.0f} MB is free in {run_dir}: snapshots, logs and checkpoints that do not fit "
+              "fail (one warning each) until space is freed; training goes on", flush=True)
+
+
 def write_json(path: Path, value) -> None:
     write_atomically(path, lambda f: f.write(json.dumps(value, indent=1)), text=True)
 
@@ -502,14 +509,33 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
     return state, arrays, manifest
 
 
-def latest_checkpoint(run_dir: Path):
-    """(folder, contents) of the newest full checkpoint that passes its checks, reporting each damaged one."""
-    for folder in reversed(checkpoint_folders(run_dir / "resume")):
+def resume_newest(run_dir: Path, folders: list, fit):
+    """`fit(folder, state, arrays, manifest)` for the first of `folders` (newest first) that passes its checks, is
+    of the run in config.json (where that names one) and fits (`fit` raises DamagedCheckpoint where it does not).
+    Each one that fails is reported in one line and the one before it tried; a folder given alone is refused."""
+    run_id = (config_of(run_dir) or {}).get("run_id")
+    for folder in folders:
         try:
-            return folder, load_checkpoint(folder)
+            state, arrays, manifest = load_checkpoint(folder)
+            if not isinstance(manifest.get("summary"), dict):
+                raise DamagedCheckpoint("its manifest holds no summary")
+            if manifest["summary"].get("run_id", run_id) != run_id and run_id is not None:
+                raise DamagedCheckpoint("it belongs to another run than config.json's")
+            return fit(folder, state, arrays, manifest)
         except DamagedCheckpoint as e:
-            print(f"warning: checkpoint {folder} is damaged ({e}); trying the one before it", file=sys.stderr)
-    raise no_usable_checkpoint(run_dir)
+            if len(folders) == 1:
+                raise UserError(f"checkpoint {folder} is damaged ({e})") from None
+            print(f"warning: checkpoint {folder} is damaged ({e}); trying the one before it", file=sys.stderr,
+                  flush=True)
+    raise UserError(f"no usable checkpoint in {run_dir / 'resume'}: start a new run with --checkpoints NEW_FOLDER, "
+                    f"or move {run_dir / 'resume'} away and add --auto-resume to start this run over")
+
+
+def latest_checkpoint(run_dir: Path):
+    """(folder, (state, arrays, manifest)) of the newest full checkpoint of the run in `run_dir` that passes its
+    checks, reporting each one that does not."""
+    return resume_newest(run_dir, checkpoint_folders(run_dir / "resume")[::-1],
+                         lambda folder, *contents: (folder, contents))
 
 
 class Checkpoints:
@@ -568,10 +594,15 @@ class Checkpoints:
         except (OSError, IndexError):
             pass
 
-    def newest(self) -> Optional[Path]:
-        """The checkpoint a resume would use now: the newest one written whole."""
+    def say_if_not_saved(self, name: str) -> None:
+        """At the end of a session: if the checkpoint `name` could not be written, which one a resume will use."""
         folders = checkpoint_folders(self.root)
-        return folders[-1] if folders else None
+        if not folders:
+            print(f"note: no checkpoint of this run could be written: free space in {self.root.parent}, then start it "
+                  "over with its flags and --auto-resume", flush=True)
+        elif folders[-1].name != name:
+            print(f"note: the checkpoint of this step could not be written; --resume goes on from {folders[-1]}",
+                  flush=True)
 
     def wait(self) -> None:
         """Wait for the checkpoint being written beside training, if any (a wait cut short by a second Ctrl-C
@@ -697,11 +728,6 @@ def checkpoints_to_try(args, run_dir: Path) -> Optional[list]:
                             f"--auto-resume (same flags), or pass --checkpoints NEW_FOLDER")
         raise UserError(f"{run_dir}/ holds no run to resume")
     return folders[::-1]
-
-
-def no_usable_checkpoint(run_dir: Path) -> UserError:
-    return UserError(f"no usable checkpoint in {run_dir / 'resume'}: start a new run with --checkpoints NEW_FOLDER, "
-                     f"or move {run_dir / 'resume'} away and add --auto-resume to start this run over")
 
 
 def resumed_args(args, given: set, summary: dict, run_dir: Path):

@@ -33,9 +33,9 @@ from tqdm import tqdm
 from plumbing import (NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, DamagedCheckpoint, GameVideos,
                       Helper, Progress, RingSnapshot, Rows, RunLock, RunLog, Staging, StopRequest, UserError, Writes,
                       check_bounds, check_memory_fits, check_run_folder, checkpoints_to_try, clear_leftovers,
-                      config_of, curve_data, describe, draw_curve, flag, flag_parser, free_bytes, frozen,
-                      load_checkpoint, new_run_id, no_usable_checkpoint, pick_device, restore_state, resumed_args,
-                      run_command, run_folder, save_snapshot, write_json)
+                      config_of, curve_data, describe, draw_curve, flag, flag_parser, frozen, new_run_id, pick_device,
+                      restore_state, resume_newest, resumed_args, run_command, run_folder, save_snapshot,
+                      say_if_short_of_space, write_json)
 
 
 # ---- Arguments: every field is a flag; new_on_resume marks those that only say where, how long or how visibly.
@@ -1258,12 +1258,7 @@ def finish(run: Run, session: Session) -> None:
     session.curves.close(timeout=120)
     session.log.close()
     run.games.close()
-    newest = session.checkpoints.newest()
-    if newest is None:
-        print(f"note: no checkpoint of this run could be written: free space in {run_dir}, then start it over with "
-              "its flags and --auto-resume", flush=True)
-    elif newest.name != f"{counters.steps:012d}":
-        print(f"note: the checkpoint of this step could not be written; --resume goes on from {newest}", flush=True)
+    session.checkpoints.say_if_not_saved(f"{counters.steps:012d}")
     if session.stop.signal is not None:  # the last two lines: a requeue (README, Slurm) looks for them
         print(f"stopped by {session.stop.signal} at episode {counters.episodes}, agent step {counters.steps}; "
               f"continue with:\n  python train_breakout.py --resume --checkpoints {run_dir}")
@@ -1286,38 +1281,25 @@ def build_run(args: Args, device: torch.device) -> tuple[Run, int]:
 
 
 def resume_run(args: Args, given: set, device: torch.device, run_dir: Path, folders: list):
-    """(flags, run, replay bytes, run id) of the newest usable checkpoint of `folders`. The flags are the ones the
-    checkpoint was written with. A damaged checkpoint, one of another run, or one that does not fit the run its
-    flags describe is reported in one line, and the one before it is tried."""
-    config_id = (config_of(run_dir) or {}).get("run_id")
-    for folder in folders:
+    """(flags, run, replay bytes, run id) from the newest usable checkpoint of `folders`, with the flags it was
+    written with; one that does not fit the run its flags describe counts as damaged (plumbing.resume_newest)."""
+    def fit(folder: Path, state: dict, arrays: dict, manifest: dict):
+        run_args = resumed_args(args, given, manifest["summary"], run_dir)
         try:
-            state, arrays, manifest = load_checkpoint(folder)
-            summary = manifest.get("summary") if isinstance(manifest.get("summary"), dict) else {}
-            run_id = summary.get("run_id")
-            if run_id and config_id and run_id != config_id:
-                raise DamagedCheckpoint("it belongs to another run than config.json's")
-            run_args = resumed_args(args, given, summary, run_dir)
-            try:
-                check_args(run_args)
-            except UserError as e:
-                raise DamagedCheckpoint(f"its flags do not make a run: {e}") from None
-            run, replay_bytes = build_run(run_args, device)
-            try:
-                restore(run, (folder, (state, arrays, manifest)), run_args, given)
-            except Exception as e:  # shapes, names or types that are not this run's
-                run.games.close()
-                del run  # before the next one is built: two replay memories may not fit
-                reason = (str(e).strip().splitlines() or [""])[0][:200]
-                raise DamagedCheckpoint(f"it does not fit the run its flags describe: {type(e).__name__}: "
-                                        f"{reason}") from None
-            return run_args, run, replay_bytes, run_id or config_id or new_run_id()
-        except DamagedCheckpoint as e:
-            if len(folders) == 1:
-                raise UserError(f"checkpoint {folder} is damaged ({e})") from None
-            print(f"warning: checkpoint {folder} is damaged ({e}); trying the one before it", file=sys.stderr,
-                  flush=True)
-    raise no_usable_checkpoint(run_dir)
+            check_args(run_args)
+        except UserError as e:
+            raise DamagedCheckpoint(f"its flags do not make a run: {e}") from None
+        run, replay_bytes = build_run(run_args, device)
+        try:
+            restore(run, (folder, (state, arrays, manifest)), run_args, given)
+        except Exception as e:  # shapes, names or types that are not this run's
+            run.games.close()
+            del run  # before the next one is built: two replay memories may not fit
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            raise DamagedCheckpoint(f"it does not fit the run its flags describe: {type(e).__name__}: "
+                                    f"{reason}") from None
+        return run_args, run, replay_bytes, manifest["summary"].get("run_id")
+    return resume_newest(run_dir, folders, fit)
 
 
 def train(args: Args, given: set) -> dict:
@@ -1338,6 +1320,7 @@ def train(args: Args, given: set) -> dict:
         resumed = folders is not None
         if resumed:
             args, run, replay_bytes, run_id = resume_run(args, given, device, run_dir, folders)
+            run_id = run_id or (config_of(run_dir) or {}).get("run_id") or new_run_id()
         else:
             (run, replay_bytes), run_id = build_run(args, device), new_run_id()
         print(describe(args, device=device, replay_memory=f"{replay_bytes / 2**30:.2f} GiB on {device} "
@@ -1346,10 +1329,7 @@ def train(args: Args, given: set) -> dict:
                       args=dataclasses.asdict(args))
         writes, started = Writes(), True
         writes(run_dir / "config.json", write_json, run_dir / "config.json", config)
-        free = free_bytes(run_dir)
-        if free is not None and free < 64 << 20:
-            print(f"note: only {free / 1e6:.0f} MB is free in {run_dir}: snapshots, logs and checkpoints that do "
-                  "not fit fail (one warning each) until space is freed; training goes on", flush=True)
+        say_if_short_of_space(run_dir)
         if not resumed:
             start_games(run, args)
         session = Session(args, run_dir, device, run, resumed, writes, config)
