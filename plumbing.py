@@ -192,6 +192,10 @@ class Writes:
         if not repeat:
             tqdm.write(f"warning: could not write {path} ({reason}); {then}")
 
+    def is_failing(self, path: Path) -> bool:
+        with self.lock:
+            return str(path) in self.failing
+
     def ended(self, path: Path, error: Optional[BaseException], what: str) -> None:
         """Report how a job of a helper process that writes `path` ended (`what` names the job)."""
         if isinstance(error, BrokenProcessPool):

@@ -1116,10 +1116,9 @@ def record(run: Run, session: Session, outcome: Outcome) -> None:
 def periodic_work(run: Run, session: Session) -> None:
     """Snapshots, curve, evaluations and full checkpoints when due; the last three take their inputs now and play,
     draw or write beside training."""
-    counters, run_dir = run.counters, session.run_dir
+    counters = run.counters
     for episode in run.snapshots.passed(counters.episodes):
-        path = run_dir / f"{episode}.pth"
-        session.writes(path, save_snapshot, run.target_net, path, then="training goes on without this snapshot")
+        save_episode_snapshot(run, session, episode)
     if run.curve.passed(counters.episodes):
         run.history.lives.append([counters.steps, counters.episodes, counters.life_sum / max(1, counters.life_count)])
         counters.life_sum, counters.life_count = 0.0, 0
@@ -1215,6 +1214,12 @@ def record_evaluation(run: Run, session: Session, result: dict) -> None:
     run.evaluating = PendingEvaluation()
 
 
+def save_episode_snapshot(run: Run, session: Session, episode: int) -> None:
+    """<episode>.pth, the target network as the tutorial saved it; one that fails is skipped, with a warning."""
+    path = session.run_dir / f"{episode}.pth"
+    session.writes(path, save_snapshot, run.target_net, path, then="that snapshot is skipped")
+
+
 def save_best(session: Session) -> bool:
     """best.pth from the best evaluation's weights; where that fails, the next evaluation tries again."""
     path = session.run_dir / "best.pth"
@@ -1230,7 +1235,7 @@ def save_full_checkpoint(run: Run, session: Session, beside: bool = True) -> Non
     summary = dict(step=counters.steps, episode=counters.episodes, games=counters.games, updates=counters.updates,
                    minutes=round(counters.seconds / 60, 2), env=session.args.env, run_id=session.config["run_id"],
                    args=dataclasses.asdict(session.args))
-    if str(session.run_dir / "config.json") in session.writes.failing:
+    if session.writes.is_failing(session.run_dir / "config.json"):
         session.writes(session.run_dir / "config.json", write_json, session.run_dir / "config.json", session.config)
     session.checkpoints.save(run, f"{counters.steps:012d}", summary, beside)
 
@@ -1248,8 +1253,7 @@ def finish(run: Run, session: Session) -> None:
               "resumed run plays it again", flush=True)
     session.evaluations.close(timeout=5 if spent else 0)
     if spent:
-        path = run_dir / f"{counters.episodes}.pth"
-        session.writes(path, save_snapshot, run.target_net, path)
+        save_episode_snapshot(run, session, counters.episodes)
         # Training is over: a process is started for this last curve only if one is running already.
         draw_curve_beside(run, session, here=session.curves.pool is None)
     if session.unsaved_best is not None:
