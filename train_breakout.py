@@ -13,6 +13,7 @@ processes, logs, the curve, videos) is in plumbing.py. README.md explains the re
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -473,6 +474,13 @@ class ReplayMemory:
         states, next_states = self.stacks(self.game[i], self.slot[i])
         return Batch(states, self.action[i], self.reward[i], next_states, self.has_next[i])
 
+    def example_batch(self, batch_size: int) -> Batch:
+        """A batch with the shapes, strides and dtypes of `sample`'s (the frames of the ring's first slots,
+        whatever they hold), drawing no random number and changing nothing: what compiling is warmed up on."""
+        first = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
+        states, next_states = self.stacks(first, first)
+        return Batch(states, self.action[first], self.reward[first], next_states, self.has_next[first] | True)
+
     ARRAYS = ("frames", "game_start", "game", "slot", "action", "reward", "has_next")  # a checkpoint's arrays
 
     def state_dict(self) -> dict:
@@ -673,15 +681,31 @@ class Learned(NamedTuple):
     mean_q: torch.Tensor | Optional[float]
 
 
-def td_update(policy: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, gamma: float,
-              n_step: int = 1, double: bool = False, loss_fn=td_loss):
-    """One gradient step on `loss_fn` (td_loss or it compiled); the discount is gamma^n_step. No host round trip."""
-    loss, mean_q = loss_fn(policy, target, *batch, gamma ** n_step, double)
-    optimizer.zero_grad(set_to_none=True)
+def td_gradients(policy: nn.Module, target: nn.Module, batch: Batch, discount: float, double: bool,
+                 loss_fn=td_loss) -> Learned:
+    """The forward and backward pass of an update: `loss_fn` (td_loss or it compiled) of `batch`, its gradients
+    in the policy's `.grad`."""
+    loss, mean_q = loss_fn(policy, target, *batch, discount, double)
+    for p in policy.parameters():
+        p.grad = None
     loss.backward()
+    return Learned(loss.detach(), mean_q)
+
+
+def td_update(policy: nn.Module, target: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, gamma: float,
+              n_step: int = 1, double: bool = False, loss_fn=td_loss, fallback=None) -> Learned:
+    """One gradient step on `loss_fn` (td_loss or it compiled); the discount is gamma^n_step. No host round trip.
+    Given `fallback`, a compiled pass that raises is handed to it, and the step is made with td_loss."""
+    try:
+        learned = td_gradients(policy, target, batch, gamma ** n_step, double, loss_fn)
+    except Exception as e:
+        if fallback is None or loss_fn is td_loss:
+            raise
+        fallback(e)
+        learned = td_gradients(policy, target, batch, gamma ** n_step, double)
     torch.nn.utils.clip_grad_value_(policy.parameters(), 1000)  # the tutorial's bound
     optimizer.step()
-    return Learned(loss.detach(), mean_q)
+    return learned
 
 
 @torch.no_grad()
@@ -933,31 +957,99 @@ def switches(args: Args, device: torch.device) -> Switches:
 
 
 def compiled_functions(run: Run, args: Args, device: torch.device):
-    """td_loss and greedy_actions through torch.compile (on CUDA replayed as CUDA graphs), compiled now on copies of
-    the networks; where compiling fails, one line says so and the eager functions go on."""
+    """td_loss and greedy_actions through torch.compile (on CUDA replayed as CUDA graphs), compiled now: warmed up on
+    the run's own networks (their backward pass too, no optimiser step) and on inputs with the loop's shapes and
+    strides, so that the loop's first calls neither compile nor record again. None where compiling fails: one line
+    says why (and how to clear a damaged compile cache)."""
     mode = "reduce-overhead" if device.type == "cuda" else None
     loss_fn, greedy = torch.compile(td_loss, mode=mode), torch.compile(greedy_actions, mode=mode)
-    policy, target, optimizer = copy.deepcopy((run.policy_net, run.target_net, run.optimizer))
-    stacks = lambda n: torch.zeros((n, args.frames, SIZE, SIZE), dtype=torch.uint8, device=device)
-    b = args.batch_size
-    batch = Batch(stacks(b), torch.zeros(b, dtype=torch.int64, device=device), torch.zeros(b, device=device),
-                  stacks(b), torch.ones(b, dtype=torch.bool, device=device))
+    batch, stacks = run.replay.example_batch(args.batch_size), run.stack.frames
     started = time.time()
     try:
-        for _ in range(3):  # CUDA graphs are recorded at the third call
-            td_update(policy, target, optimizer, batch, args.gamma, args.n_step, args.double, loss_fn)
-            greedy(policy, stacks(args.envs))
-    except Exception as e:  # no C++ compiler, a GPU or PyTorch build without Triton, ...
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
-        print(f"note: torch.compile failed ({type(e).__name__}: {reason}); going on without compiling", flush=True)
-        return td_loss, (greedy_actions if device.type != "cpu" else None)
+        for _ in range(3):  # CUDA graphs are recorded at the third call; the thread count is guarded on too
+            with threads_for(args, device, learning=True):
+                td_gradients(run.policy_net, run.target_net, batch, args.gamma ** args.n_step, args.double, loss_fn)
+            with threads_for(args, device, learning=False):
+                greedy(run.policy_net, stacks)
+    except Exception as e:  # no C++ compiler, a GPU or PyTorch build without Triton, a damaged cache, ...
+        print(f"note: torch.compile failed ({compile_failure(e)}); going on without compiling", flush=True)
+        return None
+    finally:
+        for p in run.policy_net.parameters():
+            p.grad = None
     print(f"compiled the learning update and acting in {time.time() - started:.0f} s", flush=True)
     return loss_fn, greedy
+
+
+def compile_failure(e: BaseException) -> str:
+    """What a failed compile says, in one line; where the error names PyTorch's compile cache (a library cut short
+    by a compile killed midway breaks every later compile), that deleting the cache lets the next run compile."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    inner = getattr(e, "inner_exception", None) or e  # torch.compile's BackendCompilerFailed wraps the error
+    reason = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:160]}"
+    text = " ".join(str(x) for x in (e, inner, e.__cause__, e.__context__) if x is not None)
+    if cache_dir() in text or "file too short" in text:
+        reason += f"; the compile cache may be damaged: delete {cache_dir()} and the next run compiles afresh"
+    return reason
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (Euclidean norms), 0 where both are 0."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30)) if (a - b).any() else 0.0
+
+
+def compiled_mismatch(run: Run, args: Args, batch: Batch, loss_fn, greedy) -> Optional[str]:
+    """The compiled update and acting against the eager ones, on `batch` and the games' stacks: the loss, mean Q,
+    each gradient and the weights after an optimiser step (on copies), and the greedy actions wherever the top two
+    Q-values are not near a tie. What differs beyond float rounding (TF32 on CUDA), or None. Changes nothing."""
+    policy, discount = run.policy_net, args.gamma ** args.n_step
+    passes = []
+    for fn in (loss_fn, td_loss):
+        learned = td_gradients(policy, run.target_net, batch, discount, args.double, fn)
+        passes.append((learned.loss.clone(), learned.mean_q.clone(), [p.grad.clone() for p in policy.parameters()]))
+    for p in policy.parameters():
+        p.grad = None
+    (loss_c, q_c, grads_c), (loss_e, q_e, grads_e) = passes
+    names = [name for name, _ in policy.named_parameters()]
+    found = [(f"the loss ({loss_c.item():.6g} against {loss_e.item():.6g})", relative_difference(loss_c, loss_e), 1e-3),
+             (f"the mean Q ({q_c.item():.6g} against {q_e.item():.6g})", relative_difference(q_c, q_e), 1e-3)]
+    found += [(f"the gradient of {n}", relative_difference(c, e), 2e-2) for n, c, e in zip(names, grads_c, grads_e)]
+    steps = []
+    for grads in (grads_c, grads_e):  # the optimiser's step from each pass's gradients, on copies
+        net, optimizer = copy.deepcopy((policy, run.optimizer))
+        for p, g in zip(net.parameters(), grads):
+            p.grad = g
+        optimizer.step()
+        steps.append([new.detach() - old.detach() for new, old in zip(net.parameters(), policy.parameters())])
+    found += [(f"the step of {n}", relative_difference(c, e), 1e-1) for n, c, e in zip(names, *steps)]
+    differ = [f"{what} (relative difference {d:.2g})" for what, d, tolerance in found if not d <= tolerance]
+    stacks = run.stack.frames
+    with torch.no_grad():
+        q = policy(as_input(stacks))
+    top2 = q.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * q.abs().max().clamp_min(1e-6)
+    with threads_for(args, batch.states.device, learning=False):
+        wrong = int(((greedy(policy, stacks) != q.argmax(1)) & clear).sum())
+    if wrong:
+        differ.append(f"the greedy actions of {wrong} of {len(q)} games")
+    return "; ".join(differ[:3]) or None
 
 
 def torch_threads(args: Args, device: torch.device, learning: bool) -> int:
     """All cores for learning; one for acting on CPU, where more only fight ale-py's threads for the cores."""
     return (args.threads or os.cpu_count() or 1) if learning or device.type != "cpu" else 1
+
+
+@contextlib.contextmanager
+def threads_for(args: Args, device: torch.device, learning: bool):
+    """torch's threads as learning or acting has them, for a while."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads(args, device, learning))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Session:
@@ -976,10 +1068,12 @@ class Session:
         self.switches = on = switches(args, device)
         # Acting on CPU forwards only the games that act greedily; elsewhere all of them, with no upload.
         self.loss_fn, self.greedy = td_loss, (greedy_actions if device.type != "cpu" else None)
-        if on.compile:
-            self.loss_fn, self.greedy = compiled_functions(run, args, device)
+        compiled = on.compile and compiled_functions(run, args, device)
+        if compiled:
+            self.loss_fn, self.greedy = compiled
+        self.unchecked = bool(compiled)  # the compiled functions are checked against the eager ones once
         print(f"learning {'while the games step' if on.overlap else 'between steps of the games'}, "
-              f"{'compiled' if self.loss_fn is not td_loss else 'not compiled'}", flush=True)
+              f"{'compiled' if compiled else 'not compiled'}", flush=True)
         self.started, self.seconds_before = time.time(), run.counters.seconds
         self.checkpoint_due = Every.counting_from(60 * args.checkpoint_minutes)  # counting this session's seconds
         # The bar follows the budget that was given: minutes (in seconds), else agent steps, else episodes.
@@ -997,6 +1091,36 @@ class Session:
         self.evaluations = Helper("evaluations")
         self.checkpoints = Checkpoints(run_dir / "resume", args.keep_checkpoints)
         self.stop = StopRequest()  # last: train() gives the signals back from here on
+
+    def stop_compiling(self, why: str) -> None:
+        """One line, and the eager functions from here on (acting on every game, as the compiled one did)."""
+        tqdm.write(f"note: {why}; training goes on without compiling")
+        self.loss_fn, self.greedy, self.unchecked = td_loss, greedy_actions, False
+
+    def check_compiled(self, run: Run, batch: Batch) -> None:
+        """Before the session's first update: the compiled functions against the eager ones, on its batch."""
+        self.unchecked = False
+        try:
+            mismatch = compiled_mismatch(run, self.args, batch, self.loss_fn, self.greedy)
+        except Exception as e:
+            for p in run.policy_net.parameters():
+                p.grad = None
+            return self.stop_compiling(f"the compiled learning update failed its check ({compile_failure(e)})")
+        if mismatch:
+            self.stop_compiling(f"the compiled learning update or acting gives other results than the eager one: "
+                                f"{mismatch}")
+
+    def compiled_failed(self, e: BaseException) -> None:
+        self.stop_compiling(f"a compiled call failed ({compile_failure(e)})")
+
+    def greedy_actions(self, policy: nn.Module, stacks: torch.Tensor) -> torch.Tensor:
+        """self.greedy; where the compiled one fails, the eager one."""
+        if self.greedy is not greedy_actions:
+            try:
+                return self.greedy(policy, stacks)
+            except Exception as e:
+                self.compiled_failed(e)
+        return greedy_actions(policy, stacks)
 
     def seconds(self) -> float:
         return time.time() - self.started
@@ -1020,7 +1144,8 @@ class Session:
 def act(run: Run, session: Session) -> np.ndarray:
     """Epsilon-greedy actions for every game, FIRE wherever a life starts."""
     return choose_actions(run.policy_net, run.stack, epsilon(run.counters.steps, session.args), session.n_actions,
-                          run.rng, run.tracking.need_fire, session.fire, session.greedy)
+                          run.rng, run.tracking.need_fire, session.fire,
+                          session.greedy_actions if session.greedy else None)
 
 
 class Outcome(NamedTuple):
@@ -1075,8 +1200,10 @@ def learn(run: Run, session: Session) -> None:
                 torch.set_num_threads(torch_threads(args, session.device, learning=True))
                 learned = True
             batch = run.replay.sample(args.batch_size, run.sampler)
+            if session.unchecked:
+                session.check_compiled(run, batch)
             run.learning.add(td_update(run.policy_net, run.target_net, run.optimizer, batch, args.gamma,
-                                       args.n_step, args.double, session.loss_fn))
+                                       args.n_step, args.double, session.loss_fn, session.compiled_failed))
             counters.updates += 1
         if count % args.target_every == 0:
             soft_update(run.target_net, run.policy_net, args.tau)
