@@ -786,9 +786,17 @@ class StopRequest:
 
 
 # ---- Helper processes: work that holds the GIL (matplotlib) or needs cores and seconds of its own.
-def _helper_started() -> None:
-    """In the helper process: Ctrl-C reaches the whole process group, and the trainer decides; the helper ends
-    once the trainer is gone (kill -9 included)."""
+def float32_precision() -> tuple:
+    """How this process computes float32 products: its matmul precision (TF32 or not) and cuDNN's TF32."""
+    return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+
+
+def _helper_started(precision: tuple) -> None:
+    """In the helper process: the trainer's float32 precision (so that an evaluation beside training computes the
+    Q-values one in the loop does); Ctrl-C reaches the whole process group, and the trainer decides; the helper
+    ends once the trainer is gone (kill -9 included)."""
+    torch.set_float32_matmul_precision(precision[0])
+    torch.backends.cudnn.allow_tf32 = precision[1]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     threading.Thread(target=lambda: (parent.join(), os._exit(0)), daemon=True).start()
@@ -818,6 +826,9 @@ class Helper:
         return f"{self.name}{chr(39) if self.name.endswith('s') else chr(39) + 's'} process"
 
     def submit(self, work, *args) -> bool:
+        # The process gets copies of its own: the queue's thread moves the tensors it sends into shared memory
+        # after submit returns, under a caller that may be reading them (a checkpoint of the evaluation's weights).
+        args = frozen(args)
         with self.lock:
             if self.newest_only and self.current is not None and not self.current.done():
                 self.waiting = (work, args)
@@ -840,7 +851,8 @@ class Helper:
             for attempt in range(2):
                 if self.pool is None:
                     self.pool = concurrent.futures.ProcessPoolExecutor(
-                        1, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_started)
+                        1, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_started,
+                        initargs=(float32_precision(),))
                 try:
                     self.current = self.pool.submit(work, *args)
                     break

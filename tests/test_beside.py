@@ -191,3 +191,24 @@ def test_a_second_stop_still_lets_the_checkpoint_being_written_finish(tmp_path, 
                                  "--device", "cpu", "--threads", "1", "--steps", "100000",
                                  "--checkpoint-minutes", "0.01"]))
     assert written and plumbing.load_checkpoint(written[0])  # written whole before train() gave up
+
+
+def test_a_helper_process_computes_at_the_trainers_precision_on_arguments_of_its_own():
+    """TF32 is switched on in the trainer on CUDA: an evaluation beside training must run at the same precision, or
+    its Q-values and scores are not those of one in the loop. And the tensors handed over stay the caller's: the
+    queue's thread moves what it sends into shared memory, changing the storage under a checkpoint reading it."""
+    helper = plumbing.Helper("evaluations")
+    weights = {"conv1.weight": torch.randn(32, 6, 8, 8), "act_fc2.bias": torch.randn(4)}
+    pointers = {k: v.data_ptr() for k, v in weights.items()}
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert helper.submit(torch.get_float32_matmul_precision) is True
+        assert helper.poll(wait=True) == (True, "high")
+        assert helper.submit(len, weights) is True
+        assert helper.poll(wait=True) == (True, 2)
+        assert {k: v.data_ptr() for k, v in weights.items()} == pointers
+        assert not any(v.is_shared() for v in weights.values())
+    finally:
+        torch.set_float32_matmul_precision(before)
+        helper.close(timeout=0)
