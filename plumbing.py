@@ -312,14 +312,23 @@ class RingSnapshot:
 
     def chunks(self, chunk_bytes: int = 16 << 20):
         """The frames in order, about `chunk_bytes` at a time, as NumPy arrays."""
-        rows = max(1, chunk_bytes // max(1, self.frames[:1].numel()))
+        rows, cuda = max(1, chunk_bytes // max(1, self.frames[:1].numel())), self.frames.is_cuda
         for start in range(0, len(self), rows):
             with self.lock:
                 end = min(start + rows, len(self))
-                chunk = self.frames[start:end].to("cpu", copy=True)
-                for slot in [s for s in self.aside if start <= s < end]:
-                    chunk[slot - start] = self.aside.pop(slot)
+                if cuda:  # queued behind the GPU's work, and waited for outside the lock: add_frames goes on
+                    chunk = torch.empty((end - start, *self.shape[1:]), dtype=torch.uint8, pin_memory=True)
+                    chunk.copy_(self.frames[start:end], non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record()
+                else:
+                    chunk = self.frames[start:end].to("cpu", copy=True)
+                aside = {slot: self.aside.pop(slot) for slot in [s for s in self.aside if start <= s < end]}
                 self.read_up_to = end
+            if cuda:  # training's writes to these slots from now on are queued after the copy: it reads them as
+                copied.synchronize()  # they were; the slots it overwrote before are in `aside`
+            for slot, frames in aside.items():
+                chunk[slot - start] = frames
             yield chunk.numpy()
 
 
@@ -362,17 +371,45 @@ class CompressedArray:
         assert out.shape == self.shape and out.dtype == self.dtype and out.flags.c_contiguous
         with self._open() as f:
             self._header(f)
-            buffer, done = memoryview(out.reshape(-1).view(np.uint8)), 0
-            while done < len(buffer):
-                read = f.readinto(buffer[done:])
-                if not read:
-                    raise DamagedCheckpoint(f"{self.path.name} ends early")
-                done += read
+            self._fill(f, out)
+
+    def _fill(self, f, out: np.ndarray) -> None:
+        buffer, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while done < len(buffer):
+            read = f.readinto(buffer[done:])
+            if not read:
+                raise DamagedCheckpoint(f"{self.path.name} ends early")
+            done += read
+
+    def read_chunks(self, chunk_bytes: int):
+        """(first row, rows) of about `chunk_bytes`, in order, through one buffer that each step reuses."""
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        rows = max(1, chunk_bytes // max(1, row_bytes))
+        buffer = np.empty((min(rows, len(self)), *self.shape[1:]), self.dtype)
+        with self._open() as f:
+            self._header(f)
+            for start in range(0, len(self), rows):
+                chunk = buffer[:min(rows, len(self) - start)]
+                self._fill(f, chunk)
+                yield start, chunk
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         array = np.empty(self.shape, self.dtype)
         self.read_into(array)
         return array if dtype is None else array.astype(dtype)
+
+
+def load_rows(source, target: torch.Tensor, chunk_bytes: int = 64 << 20) -> None:
+    """`source` (an array, or a CompressedArray) into `target` on any device, a chunk of about `chunk_bytes` at a
+    time: the host holds one chunk, never the whole array (a replay memory of 42 GB resumed onto a GPU)."""
+    if isinstance(source, CompressedArray):
+        chunks = source.read_chunks(chunk_bytes)
+    else:
+        source = np.asarray(source)
+        rows = max(1, chunk_bytes // max(1, source[:1].nbytes))
+        chunks = ((start, source[start:start + rows]) for start in range(0, len(source), rows))
+    for start, chunk in chunks:
+        target[start:start + len(chunk)].copy_(torch.from_numpy(np.ascontiguousarray(chunk)))
 
 
 # ---- A declared state: the fields of a dataclass, each a part with `state_dict`/`load_state_dict` (or a

@@ -34,8 +34,8 @@ from tqdm import tqdm
 from plumbing import (NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, DamagedCheckpoint, GameVideos,
                       Helper, Progress, RingSnapshot, Rows, RunLock, RunLog, Staging, StopRequest, UserError, Writes,
                       check_bounds, check_memory_fits, check_run_folder, checkpoints_to_try, clear_leftovers,
-                      config_of, curve_data, describe, draw_curve, flag, flag_parser, frozen, new_run_id, pick_device,
-                      restore_state, resume_newest, resumed_args, run_command, run_folder, save_snapshot,
+                      config_of, curve_data, describe, draw_curve, flag, flag_parser, frozen, load_rows, new_run_id,
+                      pick_device, restore_state, resume_newest, resumed_args, run_command, run_folder, save_snapshot,
                       say_if_short_of_space, write_json)
 
 
@@ -503,8 +503,8 @@ class ReplayMemory:
                     source.read_into(target[:len(source)].numpy())
                 else:
                     target[:len(source)].numpy()[...] = source
-            else:
-                target[:len(source)].copy_(torch.from_numpy(np.array(source)))
+            else:  # a chunk at a time through host memory
+                load_rows(source, target[:len(source)])
         self.frames_written, self.stored = int(state["frames_written"]), int(state["stored"])
 
 
