@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -89,6 +90,18 @@ def tutorial_learning_rate(path: Path, steps: int, memory: int, learn_start: int
     return (whole["steps"] - before["steps"]) / (whole["seconds"] - before["seconds"]), whole["updates"]
 
 
+def tutorial_unmeasurable(steps: int, memory: int, learn_start: int) -> str | None:
+    """Why the tutorial's loop cannot give its rate while learning in `steps` agent steps, or None: it learns only
+    after 6 x learn_start of them, and its memory holds two float32 stacks of 6 frames (338 KB) per transition."""
+    if 6 * learn_start >= steps:
+        return (f"it learns only after 6 x --learn-start = {6 * learn_start:,} agent steps, and --tutorial-steps is "
+                f"{steps:,}")
+    held, free = min(memory, steps // 6 + 1) * 2 * 6 * tb.SIZE * tb.SIZE * 4, psutil.virtual_memory().available
+    if held > 0.8 * free:
+        return f"its replay memory would grow to {held / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB of RAM is free"
+    return None
+
+
 def emulator_steps_per_s(env_id: str, games: int, seconds: float = 5.0) -> float:
     """The ceiling: ale-py's vector environment alone, as the trainer configures it, random actions."""
     env = tb.VectorGames(env_id, games, seed=1)
@@ -126,7 +139,11 @@ def main() -> None:
     cuda = device.type == "cuda"
     steps = a.steps or (200_000 if cuda else 20_000)
     tutorial_on, tutorial_updates = float("nan"), "-"
-    if a.tutorial_steps and Path(a.tutorial).exists():
+    why_not = a.tutorial_steps and tutorial_unmeasurable(a.tutorial_steps, a.memory, a.learn_start)
+    if why_not:
+        print(f"note: the tutorial's loop is left out: {why_not}; raise --tutorial-steps or lower --learn-start",
+              flush=True)
+    elif a.tutorial_steps and Path(a.tutorial).exists():
         tutorial_on, tutorial_updates = tutorial_learning_rate(Path(a.tutorial), a.tutorial_steps, a.memory,
                                                                a.learn_start)
     common = ["--steps", str(steps), "--memory", str(a.memory), "--envs", str(a.envs), "--device", a.device,
@@ -146,7 +163,8 @@ def main() -> None:
     rows = [("device", f"{device}; GPU: {gpu}; CPU: {cpu_model()}, {os.cpu_count()} cores"),
             ("games stepped together", a.envs),
             ("agent steps per run (tutorial's loop)", f"{steps} ({a.tutorial_steps})"),
-            ("steps/s, the tutorial's loop, while learning", f"{tutorial_on:.1f} ({tutorial_updates:.0f} updates)"),
+            ("steps/s, the tutorial's loop, while learning", f"{tutorial_on:.1f} ({tutorial_updates:.0f} updates)"
+             if tutorial_updates != "-" else "left out"),
             ("steps/s, emulator alone (ceiling)", f"{ceiling:.1f}"),
             ("steps/s, learning off", f"{rate(off):.1f}"),
             ("steps/s, learning on", f"{rate(on):.1f} ({on['updates']} updates)"),
