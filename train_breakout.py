@@ -169,6 +169,14 @@ def ale_settings(env_id: str) -> dict:
                 max_num_frames_per_episode=spec.kwargs.get("max_num_frames_per_episode", 108_000))
 
 
+PIN_GAMES, SPARE_CORES = True, 0  # the trainer's games: one thread pinned per core, none left to the loop; the
+# alternatives are measured by benchmarks/gpu_check.py
+
+
+def game_cores() -> int:
+    return max(1, (os.cpu_count() or 1) - SPARE_CORES)
+
+
 class VectorGames:
     """N games stepped by ale-py's C++ thread pool (`AtariVectorEnv`), raw frames, no wrappers. Breakout comes
     back as the emulator's own greyscale (a third of RGB's bytes), which `screen_lut` turns into exactly the
@@ -178,12 +186,13 @@ class VectorGames:
         import ale_py
         s = ale_settings(env_id)
         self.screen_lut = breakout_grey_lut() if s["game"] == "breakout" and not rgb else None
+        pinned_from = (os.cpu_count() or 1) - game_cores() if threads is None and PIN_GAMES else -1  # -1: not pinned
         self.env = ale_py.AtariVectorEnv(
             s["game"], n, frameskip=s["frameskip"], repeat_action_probability=s["repeat_action_probability"],
             max_num_frames_per_episode=s["max_num_frames_per_episode"], img_height=210, img_width=160,
             grayscale=self.screen_lut is not None, stack_num=1, maxpool=False, noop_max=0, reward_clipping=False,
             use_fire_reset=False, episodic_life=False, autoreset_mode="SameStep",
-            num_threads=min(n, threads or os.cpu_count() or 1), thread_affinity_offset=0 if threads is None else -1)
+            num_threads=min(n, threads or game_cores()), thread_affinity_offset=pinned_from)
         self.actions = list(self.env.ale.get_action_set())
         self.seed = seed % (2**31 - n + 1)  # game i gets seed + i, which the emulator takes as a 32-bit int
 

@@ -158,3 +158,18 @@ def test_a_damaged_compile_cache_is_one_line_that_says_how_to_clear_it(tmp_path)
     assert second.returncode == 0 and len(notes) == 1, second.stdout + second.stderr
     assert f"the compile cache may be damaged: delete {tmp_path / 'cache'} and the next run compiles afresh" in notes[0]
     assert "Traceback" not in second.stdout + second.stderr
+
+
+def test_the_device_check_runs_its_checks_on_cpu():
+    """benchmarks/gpu_check.py is the one command the first GPU lent runs: its --dry mode keeps every check working
+    on CPU between loans (the timings it prints there mean nothing)."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry", "--no-table"],
+                          capture_output=True, text=True, timeout=600)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line.split(":")[0] for line in lines if line.startswith(("PASS", "FAIL", "SKIP"))] == [
+        "PASS pinned staging under queued work", "PASS warm-up, then the first real update",
+        "PASS compiled against eager", "PASS overlapped loop, checkpoint on its thread, evaluation beside, resume",
+        "SKIP a CPU checkpoint resumed on the device", "PASS a replay memory too big is refused",
+        "PASS play.py on the device"]
+    assert lines[-1].startswith("gpu_check: 6 passed, 0 failed, 1 skipped on ")
