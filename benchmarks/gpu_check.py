@@ -224,7 +224,7 @@ def games_pinned(how: str):
         tb.PIN_GAMES, tb.SPARE_CORES = before
 
 
-def throughput_table(device: torch.device, dry: bool, check: Check) -> None:
+def throughput_table(device: torch.device, dry: bool, check: Check, tutorial_path: Path) -> None:
     """Agent steps/s of whole runs (learning off; on, the tutorial's rule at batch 256), for each --envs and
     pinning, beside the tutorial's loop; seconds per update. Rows that would not fit the time left are skipped."""
     steps, learn_start = (1000, 50) if dry else (100_000, 2000)
@@ -244,7 +244,6 @@ def throughput_table(device: torch.device, dry: bool, check: Check) -> None:
             rows[envs, how] = rate(on)
             print(f"{envs:>5} | {how:<16} | {rate(off):>12.1f} | {rate(on):>11.1f} | {on['updates']}", flush=True)
     tutorial = float("nan")
-    tutorial_path = ROOT.parent / "shared/bench/tutorial_loop.py"
     if tutorial_path.exists() and not dry and check.left() > 90:
         tutorial = throughput.tutorial_learning_rate(tutorial_path, 4000, 20000, 200)[0]
     best = max(rows.values(), default=float("nan"))
@@ -265,6 +264,8 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=8.0, help="time for everything; parts that would not fit "
                    "are skipped")
     p.add_argument("--no-table", action="store_true", help="the checks only")
+    p.add_argument("--tutorial", default=str(ROOT.parent / "shared/bench/tutorial_loop.py"),
+                   help="the tutorial's loop, measured beside ours (left out where the file is missing)")
     a = p.parse_args()
     if not a.dry and not torch.cuda.is_available():
         print("error: no CUDA device here; --dry runs the checks on CPU", file=sys.stderr)
@@ -291,7 +292,7 @@ def main() -> int:
         check("a replay memory too big is refused", 10, lambda: check_memory_refusal(tmp, device.type))
         check("play.py on the device", 10, lambda: check_play(device.type, found))
         if not a.no_table:
-            throughput_table(device, a.dry, check)
+            throughput_table(device, a.dry, check, Path(a.tutorial))
     if "FAIL" in check.outcomes and noise.getvalue().strip():
         print("stderr of the failed checks (last lines):\n" + "\n".join(noise.getvalue().strip().splitlines()[-8:]))
     counts = {o: check.outcomes.count(o) for o in ("PASS", "FAIL", "SKIP")}
