@@ -992,6 +992,24 @@ class Staging:
         return on_device.view(torch.from_numpy(array[:0]).dtype).view(array.shape)
 
 
+def compile_failure(e: BaseException) -> str:
+    """What a failed compile says, in one line; where the error names PyTorch's compile cache (a library cut short
+    by a compile killed midway breaks every later compile), that deleting the cache lets the next run compile."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    inner = getattr(e, "inner_exception", None) or e  # torch.compile's BackendCompilerFailed wraps the error
+    reason = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:160]}"
+    text = " ".join(str(x) for x in (e, inner, e.__cause__, e.__context__) if x is not None)
+    if cache_dir() in text or "file too short" in text:
+        reason += f"; the compile cache may be damaged: delete {cache_dir()} and the next run compiles afresh"
+    return reason
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (Euclidean norms), 0 where both are 0."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30)) if (a - b).any() else 0.0
+
+
 def check_memory_fits(needed: int, device: torch.device) -> None:
     """Refuse, before allocating, a replay memory the device cannot hold."""
     if device.type == "cuda":

@@ -34,9 +34,9 @@ from tqdm import tqdm
 from plumbing import (NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, DamagedCheckpoint, GameVideos,
                       Helper, Progress, RingSnapshot, Rows, RunLock, RunLog, Staging, StopRequest, UserError, Writes,
                       check_bounds, check_memory_fits, check_run_folder, checkpoints_to_try, clear_leftovers,
-                      config_of, curve_data, describe, draw_curve, flag, flag_parser, frozen, load_rows, new_run_id,
-                      pick_device, restore_state, resume_newest, resumed_args, run_command, run_folder, save_snapshot,
-                      say_if_short_of_space, write_json)
+                      compile_failure, config_of, curve_data, describe, draw_curve, flag, flag_parser, frozen,
+                      load_rows, new_run_id, pick_device, relative_difference, restore_state, resume_newest,
+                      resumed_args, run_command, run_folder, save_snapshot, say_if_short_of_space, write_json)
 
 
 # ---- Arguments: every field is a flag; new_on_resume marks those that only say where, how long or how visibly.
@@ -988,24 +988,6 @@ def compiled_functions(run: Run, args: Args, device: torch.device):
             p.grad = None
     print(f"compiled the learning update and acting in {time.time() - started:.0f} s", flush=True)
     return loss_fn, greedy
-
-
-def compile_failure(e: BaseException) -> str:
-    """What a failed compile says, in one line; where the error names PyTorch's compile cache (a library cut short
-    by a compile killed midway breaks every later compile), that deleting the cache lets the next run compile."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-    inner = getattr(e, "inner_exception", None) or e  # torch.compile's BackendCompilerFailed wraps the error
-    reason = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:160]}"
-    text = " ".join(str(x) for x in (e, inner, e.__cause__, e.__context__) if x is not None)
-    if cache_dir() in text or "file too short" in text:
-        reason += f"; the compile cache may be damaged: delete {cache_dir()} and the next run compiles afresh"
-    return reason
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|a - b| / |b| (Euclidean norms), 0 where both are 0."""
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30)) if (a - b).any() else 0.0
 
 
 def compiled_mismatch(run: Run, args: Args, batch: Batch, loss_fn, greedy) -> Optional[str]:
