@@ -213,32 +213,21 @@ def check_play(device: str, found: dict) -> str:
     return f"{snapshot.name}: {done.stdout.strip().splitlines()[-1][:200]}"
 
 
-@contextlib.contextmanager
-def games_pinned(how: str):
-    """The trainer's games pinned to every core, to all but one (left to the loop), or not pinned."""
-    before = tb.PIN_GAMES, tb.SPARE_CORES
-    tb.PIN_GAMES, tb.SPARE_CORES = how != "not pinned", 1 if how == "all but one core" else 0
-    try:
-        yield
-    finally:
-        tb.PIN_GAMES, tb.SPARE_CORES = before
-
-
 def throughput_table(device: torch.device, dry: bool, check: Check, tutorial_path: Path) -> None:
     """Agent steps/s of whole runs (learning off; on, the tutorial's rule at batch 256), for each --envs and
     pinning, beside the tutorial's loop; seconds per update. Rows that would not fit the time left are skipped."""
-    steps, learn_start = (1000, 50) if dry else (100_000, 2000)
+    steps, learn_start = (6000, 300) if dry else (100_000, 2000)
     rate = lambda r: r["steps"] / r["session_seconds"]
     print(f"{'games':>5} | {'pinning':<16} | {'learning off':>12} | {'learning on':>11} | updates", flush=True)
     rows = {}
-    for envs in ((4,) if dry else (16, 32, 64)):
-        for how in (("every core",) if dry else ("every core", "all but one core", "not pinned")):
+    for envs in ((16,) if dry else (16, 32, 64)):
+        for how in throughput.PINNING:
             if check.left() < (20 if dry else 75):
                 print(f"{envs:>5} | {how:<16} | skipped: {check.left():.0f} s left", flush=True)
                 continue
             common = ["--steps", str(steps), "--memory", str(5 * steps // 6), "--envs", str(envs), "--device",
                       device.type, "--seed", "1", "--batch-size", "32" if dry else "256"]
-            with games_pinned(how):
+            with throughput.games_pinned(how):
                 off = throughput.run_trainer(common + ["--learn-start", str(10**12)])
                 on = throughput.run_trainer(common + ["--learn-start", str(learn_start)])
             rows[envs, how] = rate(on)
@@ -249,11 +238,23 @@ def throughput_table(device: torch.device, dry: bool, check: Check, tutorial_pat
     best = max(rows.values(), default=float("nan"))
     print(f"the tutorial's loop while learning: {tutorial:.1f} steps/s; the best learning-on row: {best:.1f} "
           f"({best / tutorial:.1f}x)", flush=True)
+    batch = 32 if dry else 256
     if check.left() > 30:
-        eager = throughput.seconds_per_update(device, 32 if dry else 256, 6, compiled=False)
-        compiled = throughput.seconds_per_update(device, 32 if dry else 256, 6, compiled=True)
-        print(f"seconds per update (sample + learn), batch {32 if dry else 256}: eager {eager:.5f}, compiled "
-              f"{compiled:.5f}", flush=True)
+        eager = throughput.seconds_per_update(device, batch, 6, compiled=False)
+        compiled = throughput.seconds_per_update(device, batch, 6, compiled=True)
+        print(f"seconds per update (sample + learn), batch {batch}: eager {eager:.5f}, compiled {compiled:.5f}",
+              flush=True)
+    if check.left() > 20:  # the trainer's unmeasured choices: channels-last, cuDNN's autotuner off
+        layouts = {}
+        for channels_last, autotune in ((True, False), (False, False), (True, True), (False, True)):
+            with throughput.network_layout(channels_last, autotune):
+                layouts[channels_last, autotune] = throughput.seconds_per_update(device, batch, 6, compiled=False)
+        print("seconds per eager update: " + ", ".join(
+            f"{'channels-last' if c else 'contiguous'}{' + cudnn.benchmark' if t else ''} {v:.5f}"
+            for (c, t), v in layouts.items()), flush=True)
+        joined, apart = (throughput.upload_seconds(device, 16, joined) for joined in (True, False))
+        print(f"frame upload per agent step, 16 games: joined with the new-game flags {joined * 1e6:.0f} us, as "
+              f"two copies {apart * 1e6:.0f} us", flush=True)
     print("table: " + json.dumps({f"{e}/{h}": round(v, 1) for (e, h), v in rows.items()}
                                  | {"tutorial": round(tutorial, 1)}), flush=True)
 

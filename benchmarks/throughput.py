@@ -42,10 +42,55 @@ def run_trainer(flags: list[str]) -> dict:
             return tb.train(args, given)
 
 
+PINNING = {"every core": (True, 0), "all but one core": (True, 1), "not pinned": (False, 0)}
+
+
+@contextlib.contextmanager
+def games_pinned(how: str):
+    """The trainer's games pinned to every core (its default), to all but one (left to the loop), or not pinned."""
+    before = tb.PIN_GAMES, tb.SPARE_CORES
+    tb.PIN_GAMES, tb.SPARE_CORES = PINNING[how]
+    try:
+        yield
+    finally:
+        tb.PIN_GAMES, tb.SPARE_CORES = before
+
+
+@contextlib.contextmanager
+def network_layout(channels_last: bool, cudnn_benchmark: bool):
+    """The trainer's choices, changed for a measurement: channels-last inputs (its default), cuDNN's autotuner (off)."""
+    as_input, benchmark = tb.as_input, torch.backends.cudnn.benchmark
+    if not channels_last:
+        tb.as_input = lambda stacks: stacks.float().div_(255.0)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    try:
+        yield
+    finally:
+        tb.as_input, torch.backends.cudnn.benchmark = as_input, benchmark
+
+
+def upload_seconds(device: torch.device, games: int, joined: bool, repeats: int = 500) -> float:
+    """Mean wall time of one agent step's frame upload through Staging: frames and new-game flags joined in one
+    copy (the trainer's way), or as two copies."""
+    staging = tb.Staging(device)
+    frames = np.random.default_rng(0).integers(0, 256, (games, tb.SIZE * tb.SIZE), dtype=np.uint8)
+    flags = np.zeros((games, 1), np.uint8)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        if joined:
+            up = staging(np.concatenate([frames, flags], 1))
+            up[:, :-1].view(games, tb.SIZE, tb.SIZE), up[:, -1].bool()
+        else:
+            staging(frames).view(games, tb.SIZE, tb.SIZE), staging(flags[:, 0]).bool()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
 def seconds_per_update(device: torch.device, batch_size: int, frames: int, compiled: bool,
-                       repeats: int = 50) -> float:
+                       repeats: int = 50, channels_last: bool = True) -> float:
     """Mean wall time of sample + td_update on a replay memory of random frames, the optimiser as the trainer
-    makes it; `compiled` as the trainer compiles it (CUDA graphs on CUDA)."""
+    makes it; `compiled` as the trainer compiles it (CUDA graphs on CUDA); the networks channels-last or not."""
     replay = tb.ReplayMemory(4096, 1, frames, frames, device)
     for _ in range(2048):
         replay.add_frames(torch.randint(0, 256, (1, tb.SIZE, tb.SIZE), dtype=torch.uint8, device=device),
@@ -53,8 +98,9 @@ def seconds_per_update(device: torch.device, batch_size: int, frames: int, compi
     k = 2000
     replay.add(np.zeros(k, np.int64), np.arange(k) + frames, np.zeros(k, np.int64), np.zeros(k, np.float32),
                np.ones(k, bool))
-    policy = tb.DuelingNetwork(frames, 4).to(device, memory_format=torch.channels_last)
-    target = tb.DuelingNetwork(frames, 4).to(device, memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    policy = tb.DuelingNetwork(frames, 4).to(device, memory_format=layout)
+    target = tb.DuelingNetwork(frames, 4).to(device, memory_format=layout)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, amsgrad=True,
                                   fused=device.type in ("cpu", "cuda") or None)
     generator = torch.Generator(device=device)
@@ -134,6 +180,8 @@ def main() -> None:
     p.add_argument("--envs", type=int, default=tb.Args.envs, help="games stepped together")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--pin", choices=sorted(PINNING), default="every core", help="the games' threads pinned to "
+                   "every core (the trainer's default), to all but one, or not pinned")
     a = p.parse_args()
     device = plumbing.pick_device(a.device)
     cuda = device.type == "cuda"
@@ -151,17 +199,18 @@ def main() -> None:
     rule = common + ["--batch-size", str(a.batch_size)]
     ceiling = emulator_steps_per_s("ALE/Breakout-v5", a.envs) if a.envs > 1 else float("nan")
     rate = lambda r: r["steps"] / r["session_seconds"]
-    off = run_trainer(rule + ["--learn-start", str(10**15)])
-    on = run_trainer(rule + ["--learn-start", str(a.learn_start)])
-    plain = run_trainer(rule + ["--learn-start", str(a.learn_start), "--compile", "off", "--overlap", "off"])
-    fast = run_trainer(common + ["--recipe", "fast", "--learn-start", str(a.learn_start)])
+    with games_pinned(a.pin):
+        off = run_trainer(rule + ["--learn-start", str(10**15)])
+        on = run_trainer(rule + ["--learn-start", str(a.learn_start)])
+        plain = run_trainer(rule + ["--learn-start", str(a.learn_start), "--compile", "off", "--overlap", "off"])
+        fast = run_trainer(common + ["--recipe", "fast", "--learn-start", str(a.learn_start)])
     torch.set_num_threads(os.cpu_count() or 1)  # the trainer learns with every core
     eager_update = seconds_per_update(device, a.batch_size, 6, compiled=False)
     compiled_update = seconds_per_update(device, a.batch_size, 6, compiled=True)
     bytes_per_transition = tb.ReplayMemory.bytes_needed(a.memory, a.envs, 6, 6) // a.memory
     gpu = torch.cuda.get_device_name(device) if cuda else "none"
     rows = [("device", f"{device}; GPU: {gpu}; CPU: {cpu_model()}, {os.cpu_count()} cores"),
-            ("games stepped together", a.envs),
+            ("games stepped together", f"{a.envs}, their threads pinned to {a.pin}"),
             ("agent steps per run (tutorial's loop)", f"{steps} ({a.tutorial_steps})"),
             ("steps/s, the tutorial's loop, while learning", f"{tutorial_on:.1f} ({tutorial_updates:.0f} updates)"
              if tutorial_updates != "-" else "left out"),
