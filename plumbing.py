@@ -1005,7 +1005,7 @@ def compile_failure(e: BaseException) -> str:
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|a - b| / |b| (Euclidean norms), 0 where both are 0."""
+    """|a - b| / |b| (Euclidean norms); 0 where they are equal."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30)) if (a - b).any() else 0.0
 
