@@ -695,8 +695,7 @@ def td_gradients(policy: nn.Module, target: nn.Module, batch: Batch, discount: f
     """The forward and backward pass of an update: `loss_fn` (td_loss or it compiled) of `batch`, its gradients
     in the policy's `.grad`."""
     loss, mean_q = loss_fn(policy, target, *batch, discount, double)
-    for p in policy.parameters():
-        p.grad = None
+    policy.zero_grad(set_to_none=True)
     loss.backward()
     return Learned(loss.detach(), mean_q)
 
@@ -984,8 +983,7 @@ def compiled_functions(run: Run, args: Args, device: torch.device):
         print(f"note: torch.compile failed ({compile_failure(e)}); going on without compiling", flush=True)
         return None
     finally:
-        for p in run.policy_net.parameters():
-            p.grad = None
+        run.policy_net.zero_grad(set_to_none=True)
     print(f"compiled the learning update and acting in {time.time() - started:.0f} s", flush=True)
     return loss_fn, greedy
 
@@ -996,11 +994,13 @@ def compiled_mismatch(run: Run, args: Args, batch: Batch, loss_fn, greedy) -> Op
     Q-values are not near a tie. What differs beyond float rounding (TF32 on CUDA), or None. Changes nothing."""
     policy, discount = run.policy_net, args.gamma ** args.n_step
     passes = []
-    for fn in (loss_fn, td_loss):
-        learned = td_gradients(policy, run.target_net, batch, discount, args.double, fn)
-        passes.append((learned.loss.clone(), learned.mean_q.clone(), [p.grad.clone() for p in policy.parameters()]))
-    for p in policy.parameters():
-        p.grad = None
+    try:
+        for fn in (loss_fn, td_loss):
+            learned = td_gradients(policy, run.target_net, batch, discount, args.double, fn)
+            passes.append((learned.loss.clone(), learned.mean_q.clone(),
+                           [p.grad.clone() for p in policy.parameters()]))
+    finally:  # the next update starts from no gradients, whether the check ended or raised
+        policy.zero_grad(set_to_none=True)
     (loss_c, q_c, grads_c), (loss_e, q_e, grads_e) = passes
     names = [name for name, _ in policy.named_parameters()]
     found = [(f"the loss ({loss_c.item():.6g} against {loss_e.item():.6g})", relative_difference(loss_c, loss_e), 1e-3),
@@ -1094,8 +1094,6 @@ class Session:
         try:
             mismatch = compiled_mismatch(run, self.args, batch, self.loss_fn, self.greedy)
         except Exception as e:
-            for p in run.policy_net.parameters():
-                p.grad = None
             return self.stop_compiling(f"the compiled learning update failed its check ({compile_failure(e)})")
         if mismatch:
             self.stop_compiling(f"the compiled learning update or acting gives other results than the eager one: "
