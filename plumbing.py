@@ -117,10 +117,20 @@ def check_bounds(args) -> None:
             raise UserError(f"--{f.name.replace('_', '-')} {what}, got {value}")
 
 
-def describe(args, **more) -> str:
-    """The flags of a run, and `more`, one per line."""
-    rows = {**dataclasses.asdict(args), **{k.replace("_", " "): v for k, v in more.items()}}
-    return "\n".join(["recipe and run:"] + [f"{k:>20} = {v}" for k, v in rows.items()])
+def describe(sections: dict, width: int = 100) -> str:
+    """Flags as a table that fits on one screen: each section's `{name: value}` in columns, as `--name value`;
+    a value too long for a column gets a line of its own."""
+    lines = []
+    for title, rows in sections.items():
+        cells = [f"--{k.replace('_', '-')} {v}" for k, v in rows.items()]
+        column = max(26, min(34, max(map(len, cells), default=0) + 2))
+        per_line = max(1, (width - 2) // column)
+        short = [c for c in cells if len(c) < column]
+        lines.append(title)
+        lines += [f"  {c}" for c in cells if len(c) >= column]
+        lines += ["  " + "".join(c.ljust(column) for c in short[i:i + per_line]).rstrip()
+                  for i in range(0, len(short), per_line)]
+    return "\n".join(lines)
 
 
 # ---- Files written whole or not at all.
@@ -830,11 +840,12 @@ def float32_precision() -> tuple:
 
 def _helper_started(precision: tuple) -> None:
     """In the helper process: the trainer's float32 precision (so that an evaluation beside training computes the
-    Q-values one in the loop does); Ctrl-C reaches the whole process group, and the trainer decides; the helper
-    ends once the trainer is gone (kill -9 included)."""
+    Q-values one in the loop does); Ctrl-C and a scheduler's SIGTERM reach the whole process group, and the
+    trainer decides; the helper ends once the trainer is gone (kill -9 included)."""
     torch.set_float32_matmul_precision(precision[0])
     torch.backends.cudnn.allow_tf32 = precision[1]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # Slurm's signal reaches the helpers too; close() ends them
     parent = multiprocessing.parent_process()
     threading.Thread(target=lambda: (parent.join(), os._exit(0)), daemon=True).start()
 
@@ -1035,14 +1046,34 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Progress:
-    """The progress bar, and the agent steps per second, measured over at least 2 s."""
+def log_friendly_output() -> None:
+    """Where stdout is a file (a Slurm log, nohup, a saved notebook cell), every line reaches it when printed, in
+    order with stderr's, not a buffer's worth at a time."""
+    if not sys.stdout.isatty():
+        sys.stdout.reconfigure(line_buffering=True)
 
-    def __init__(self, total: int, unit: str, done: float, steps: int):
-        self.total = total
+
+def duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Progress towards the budget: on a terminal tqdm's bar; elsewhere (a log file, Slurm, nohup, a saved notebook
+    cell), where a bar's redraws make one endless line, one plain line every `every` seconds. Also the agent steps
+    per second, measured over at least 2 s."""
+
+    UNITS = {"s": "seconds", "step": "agent steps", "ep": "episodes"}
+
+    def __init__(self, total: int, unit: str, done: float, steps: int, every: float,
+                 terminal: Optional[bool] = None):
+        self.total, self.unit, self.every = total, unit, every
+        terminal = sys.stderr.isatty() if terminal is None else terminal
         self.bar = tqdm(total=total, initial=min(int(done), total), unit=unit, desc="training", dynamic_ncols=True,
-                        mininterval=1.0)
+                        mininterval=1.0) if terminal else None
         self.rate_time, self.rate_steps, self.steps_per_s = time.time(), steps, 0.0
+        self.line_time, self.line_done, self.line_steps = time.time(), done, steps  # the last line's, or the start's
+        self.figures = dict(episodes=0, score=None, eps=1.0)
 
     def measure(self, steps: int) -> None:
         now = time.time()
@@ -1050,13 +1081,35 @@ class Progress:
             self.steps_per_s = (steps - self.rate_steps) / (now - self.rate_time)
             self.rate_time, self.rate_steps = now, steps
 
-    def show(self, done: float, **postfix) -> None:
-        self.bar.update(min(int(done), self.total) - self.bar.n)
-        if postfix:
-            self.bar.set_postfix(**postfix, refresh=False)
+    def show(self, done: float, steps: int, figures: Optional[dict] = None) -> None:
+        """Move on to `done`; `figures` (episodes, mean score of the last 100 games, epsilon) when they changed."""
+        if figures:
+            self.figures = figures
+        if self.bar is not None:
+            self.bar.update(min(int(done), self.total) - self.bar.n)
+            if figures:
+                score = figures["score"]
+                self.bar.set_postfix(score="-" if score is None else f"{score:.1f}", eps=f"{figures['eps']:.3f}",
+                                     sps=f"{self.steps_per_s:.0f}", refresh=False)
+        elif time.time() - self.line_time >= self.every:
+            print(self.line(done, steps), flush=True)
+
+    def line(self, done: float, steps: int) -> str:
+        """One line of progress; the speed and the time left from the rate since the line before."""
+        now, f = time.time(), self.figures
+        seconds = max(now - self.line_time, 1e-9)
+        rate, steps_per_s = (done - self.line_done) / seconds, (steps - self.line_steps) / seconds
+        left = (self.total - done) / rate if rate > 0 else None
+        self.line_time, self.line_done, self.line_steps = now, done, steps
+        score = "-" if f["score"] is None else f"{f['score']:.1f}"
+        return (f"step {steps:,} | episode {f['episodes']:,} | score {score} (mean of the last 100 games) | "
+                f"epsilon {f['eps']:.3f} | {steps_per_s:,.0f} steps/s | "
+                f"{min(done, self.total) / self.total:.1%} of {self.total:,} {self.UNITS[self.unit]}, "
+                f"{'time left unknown' if left is None else duration(left) + ' left'}")
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ---- Logs: metrics.csv and TensorBoard, each a file that grows by whole records; tables that grow a row at a time.

@@ -35,8 +35,9 @@ from plumbing import (NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, 
                       Helper, Progress, RingSnapshot, Rows, RunLock, RunLog, Staging, StopRequest, UserError, Writes,
                       check_bounds, check_memory_fits, check_run_folder, checkpoints_to_try, clear_leftovers,
                       compile_failure, config_of, curve_data, describe, draw_curve, flag, flag_parser, frozen,
-                      load_rows, new_run_id, pick_device, relative_difference, restore_state, resume_newest,
-                      resumed_args, run_command, run_folder, save_snapshot, say_if_short_of_space, write_json)
+                      load_rows, log_friendly_output, new_run_id, pick_device, relative_difference, restore_state,
+                      resume_newest, resumed_args, run_command, run_folder, save_snapshot, say_if_short_of_space,
+                      write_json)
 
 
 # ---- Arguments: every field is a flag; new_on_resume marks those that only say where, how long or how visibly.
@@ -70,6 +71,9 @@ class Args:
                                     f"with {EVAL_BESIDE_CORES} or more cores; with fewer they would only take the "
                                     "emulator's cores)", new_on_resume=True, choices=["auto", "on", "off"])
     capture_video: bool = flag(False, "save each evaluation's best game to videos/ as MP4", new_on_resume=True)
+    progress_every: float = flag(60.0, "seconds between progress lines where the output is not a terminal (a log "
+                                       "file, Slurm, nohup); on a terminal, a progress bar", POSITIVE,
+                                 new_on_resume=True)
     # The machine
     env: str = flag("ALE/Breakout-v5", "Gymnasium id of any ALE game")
     envs: int = flag(min(max(16, os.cpu_count() or 1), 64), "games stepped together; 1 steps one gym.make environment",
@@ -1063,19 +1067,13 @@ class Session:
         if compiled:
             self.loss_fn, self.greedy = compiled
         self.unchecked = bool(compiled)  # the compiled functions are checked against the eager ones once
-        print(f"learning {'while the games step' if on.overlap else 'between steps of the games'}, "
-              f"{'compiled' if compiled else 'not compiled'}", flush=True)
         self.started, self.seconds_before = time.time(), run.counters.seconds
         self.checkpoint_due = Every.counting_from(60 * args.checkpoint_minutes)  # counting this session's seconds
-        # The bar follows the budget that was given: minutes (in seconds), else agent steps, else episodes.
+        # Progress follows the budget that was given: minutes (in seconds), else agent steps, else episodes.
         total, unit = ((round(60 * args.minutes), "s") if args.minutes is not None else
                        (args.steps, "step") if args.steps is not None else (args.episodes, "ep"))
-        self.progress = Progress(total, unit, self.done(run.counters), run.counters.steps)
+        self.progress = Progress(total, unit, self.done(run.counters), run.counters.steps, args.progress_every)
         self.staging = Staging(device)  # the frames' upload
-        if args.eval_every:
-            print(f"evaluations play {'beside training' if on.eval_beside else 'in the training loop'}"
-                  + ("" if args.eval_beside != "auto" else f" ({os.cpu_count()} cores; --eval-beside on|off to "
-                                                           "choose)"), flush=True)
         # Beside training: the curve's process, the evaluations' process, the thread writing checkpoints.
         curve = run_dir / "curve.png"
         self.curves = Helper("curve", newest_only=True, on_end=lambda error: writes.ended(curve, error, "curve"))
@@ -1221,12 +1219,12 @@ def record(run: Run, session: Session, outcome: Outcome) -> None:
                         loss=learned.loss, mean_q=learned.mean_q, steps_per_s=session.progress.steps_per_s,
                         replay_fill=len(run.replay) / session.args.memory)
         tracking.game_score[i], tracking.lives_lost[i] = 0, 0
-    postfix = {}
+    figures = None
     if outcome.done.any():
         recent = run.history.games.array[-100:, 2]
-        postfix = dict(score=f"{np.mean(recent):.1f}" if len(recent) else "-",
-                       eps=f"{epsilon(counters.steps, session.args):.3f}", sps=f"{session.progress.steps_per_s:.0f}")
-    session.progress.show(session.done(counters), **postfix)
+        figures = dict(episodes=counters.episodes, score=float(np.mean(recent)) if len(recent) else None,
+                       eps=epsilon(counters.steps, session.args))
+    session.progress.show(session.done(counters), counters.steps, figures)
 
 
 def periodic_work(run: Run, session: Session) -> None:
@@ -1422,6 +1420,26 @@ def resume_run(args: Args, given: set, device: torch.device, run_dir: Path, fold
     return resume_newest(run_dir, folders, fit)
 
 
+def flags_in_force(args: Args, device: torch.device, replay_bytes: int) -> str:
+    """The run's flags as they are in force, on one screen: the defaults that follow other flags, "auto" and 0
+    resolved; a limit that was not given left out."""
+    on = switches(args, device)
+    auto = lambda name, value: ("on" if value else "off") + (" (auto)" if getattr(args, name) == "auto" else "")
+    values = dict(dataclasses.asdict(args), learn_start=args.transitions_before_learning,
+                  block=args.steps_per_transition, threads=torch_threads(args, device, learning=True),
+                  device=f"{device}" + (" (auto)" if args.device == "auto" else ""),
+                  compile=auto("compile", on.compile), overlap=auto("overlap", on.overlap),
+                  eval_beside=auto("eval_beside", on.eval_beside))
+    values = {k: "on" if v is True else "off" if v is False else v for k, v in values.items() if v is not None}
+    names = [f.name for f in dataclasses.fields(Args)]
+    machine, recipe = names.index("env"), names.index("recipe")
+    pick = lambda part: {k: values[k] for k in part if k in values and k != "recipe"}
+    return describe({"run:": pick(names[:machine]), "machine:": pick(names[machine:recipe]),
+                     f"recipe {args.recipe} (flags given replace its values):": pick(names[recipe:])}) + (
+        f"\nreplay memory: {replay_bytes / 2**30:.2f} GiB on {device} "
+        f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)")
+
+
 def train(args: Args, given: set) -> dict:
     """Train until the budget is spent or a stop is asked for; returns the counters and a few figures. Every flag,
     the device and the run's folder are checked before anything is written, and the folder stays locked."""
@@ -1443,8 +1461,7 @@ def train(args: Args, given: set) -> dict:
             run_id = run_id or (config_of(run_dir) or {}).get("run_id") or new_run_id()
         else:
             (run, replay_bytes), run_id = build_run(args, device), new_run_id()
-        print(describe(args, device=device, replay_memory=f"{replay_bytes / 2**30:.2f} GiB on {device} "
-                       f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)"), flush=True)
+        print(flags_in_force(args, device, replay_bytes), flush=True)
         config = dict(env=args.env, frames=args.frames, n_actions=len(run.games.actions), run_id=run_id,
                       args=dataclasses.asdict(args))
         writes, started = Writes(), True
@@ -1489,6 +1506,7 @@ def train_session(run: Run, session: Session, replay_bytes: int) -> dict:
 
 
 def main(argv=None) -> int:
+    log_friendly_output()
     return run_command(lambda: train(*parse_args(argv)), "interrupted; the last complete checkpoint is kept")
 
 

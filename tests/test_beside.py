@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import sys
 import threading
@@ -38,7 +39,7 @@ def test_evaluations_beside_training_score_as_inline_ones_and_the_curve_is_drawn
                                  "750", "--eval-games", "2", "--plot-every", "10", "--seed", "4", "--device", "cpu",
                                  "--threads", "1"]))
         out = capsys.readouterr().out
-        assert f"evaluations play {'beside training' if beside == 'on' else 'in the training loop'}" in out
+        assert re.search(rf"--eval-beside {beside}(  |$)", out, re.M), out  # the flags in force, at the start
     on, off = runs["on"], runs["off"]
     assert [r[0] for r in rows(off, "eval")] == ["750", "1500"]
     # The one at 1500 is skipped if the one at 750 (its process starting up, here) still plays by then.

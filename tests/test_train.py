@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import pty
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import ale_py
@@ -815,11 +819,54 @@ def test_resume_with_more_episodes_goes_on_counting_episodes(trained_run, tmp_pa
     assert p.stdout.strip().splitlines()[-1].startswith(f"done: {after['episodes']} episodes")
 
 
-def test_the_progress_bar_follows_the_budget_given(trained_run, tmp_path):
-    assert "10/10 [" in trained_run[1].stderr  # episodes by default
-    p = run_script("--checkpoints", str(tmp_path / "run"), "--steps", "300", *TINY)
+def on_a_terminal(*flags: str) -> str:
+    """What a person at a 120-column terminal sees of a run: stdout and stderr through one pseudo-terminal."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(command(*flags), stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 1 << 16)
+        except OSError:  # EIO: the run ended and the terminal closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+PROGRESS_LINE = (r"step [\d,]+ \| episode [\d,]+ \| score ([\d.]+|-) \(mean of the last 100 games\) \| "
+                 r"epsilon [\d.]+ \| [\d,]+ steps/s \| [\d.]+% of {total}, (\d+:\d\d:\d\d left|time left unknown)")
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log(trained_run, tmp_path):
+    # In a log (here a pipe, as in Slurm's and nohup's files): no carriage return, a line every --progress-every.
+    out = trained_run[1].stdout + trained_run[1].stderr
+    assert "\r" not in out and "training:" not in out
+    p = run_script("--checkpoints", str(tmp_path / "log"), "--steps", "1500", "--progress-every", "0.2", *TINY)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert re.search(r"100%\|[^|]*\| 300/300 \[.*step/s", p.stderr), p.stderr[-2000:]
+    assert "\r" not in p.stdout + p.stderr
+    lines = p.stdout.strip().splitlines()
+    progress = [line for line in lines if line.startswith("step ")]
+    assert len(progress) >= 2 and all(re.fullmatch(PROGRESS_LINE.format(total="1,500 agent steps"), line)
+                                      for line in progress), progress
+    steps = [int(line.split()[1].replace(",", "")) for line in progress]
+    assert steps == sorted(steps) and steps[-1] <= 1500
+    assert lines[-1].startswith("done: ")
+    # On a terminal: the bar, following the budget given, and every note on a line of its own, never in the bar.
+    seen = on_a_terminal("--checkpoints", str(tmp_path / "terminal"), "--steps", "1500", *TINY,
+                         "--eval-every", "500", "--eval-games", "1")
+    assert re.search(r"100%\|[^|]*\| 1500/1500 \[.*step/s", seen), seen[-2000:]
+    # What stays on the screen, line by line.
+    shown = [line.rstrip("\r").rsplit("\r", 1)[-1].strip() for line in seen.split("\n")]
+    notes = [line for line in shown if line.startswith(("evaluation at step", "checkpoint:"))]
+    assert len(notes) == 4, shown  # three evaluations, the checkpoint
+    assert not [line for line in shown if "training:" in line and re.search(r"evaluation|checkpoint|note", line)]
+    assert not re.search(r"^step \d", seen, re.M)
 
 
 # ---------------------------------------------------------------------------------------------------
