@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 import torch
 
-from plumbing import HelpFormatter, UserError, VideoWriter, draw_frame, pick_device, run_command
+from plumbing import (DamagedCheckpoint, HelpFormatter, UserError, VideoWriter, checkpoint_folders, draw_frame,
+                      load_checkpoint, pick_device, run_command)
 from train_breakout import (WALL_CLEARED, DuelingNetwork, FrameStack, OneGame, choose_actions, fire_action,
                             lives_starting, preprocess_all)
 
@@ -69,19 +70,20 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         raise UserError(f"--eps must lie in [0, 1], got {args.eps}")
     if args.fps < 0:
         raise UserError(f"--fps must not be negative, got {args.fps}")
-    args.checkpoint = str(snapshot_to_play(Path(args.checkpoint)))
+    args.checkpoint, args.weights, args.run_env = network_to_play(Path(args.checkpoint))
     return args
 
 
-def load_network(path: str, device: torch.device) -> DuelingNetwork:
-    """A network from a .pth state_dict (ours or the tutorial's, saved on any device), with one-line errors."""
+def load_network(path: str, device: torch.device, state: Optional[dict] = None) -> DuelingNetwork:
+    """A network from a .pth state_dict (ours or the tutorial's, saved on any device), or from `state` (the
+    weights of a full checkpoint, called `path`), with one-line errors."""
     p = Path(path)
-    if p.is_dir():
+    if state is None and p.is_dir():
         raise UserError(f"{path} is a folder; pass one of its .pth snapshots (best.pth, <episode>.pth)")
-    if not p.is_file():
+    if state is None and not p.is_file():
         raise UserError(f"no such checkpoint file: {path}")
     try:
-        state = torch.load(p, map_location=device, weights_only=True)
+        state = torch.load(p, map_location=device, weights_only=True) if state is None else state
     except Exception as e:  # torch raises many types for files that are not checkpoints
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or "conv1.weight" not in state or "act_fc2.weight" not in state:
@@ -103,30 +105,68 @@ def load_network(path: str, device: torch.device) -> DuelingNetwork:
     return net.eval()
 
 
-def snapshot_to_play(path: Path) -> Path:
-    """The .pth given; for a run's folder, its best.pth, else its newest snapshot (and say which). A snapshot the
-    run has not reached is refused, with the ones its folder does hold."""
+def newest_network(run: Path) -> Optional[tuple[Path, dict, dict]]:
+    """(folder, policy weights, summary) of the run's newest full checkpoint that passes its checks (its state.pt
+    only: the replay memory is not read), or None. One being removed by the trainer meanwhile is passed over."""
+    for folder in checkpoint_folders(run / "resume")[::-1]:
+        try:
+            state, _, manifest = load_checkpoint(folder, arrays=False)
+            return folder, state["policy_net"], manifest["summary"]
+        except (DamagedCheckpoint, UserError, OSError, RuntimeError, KeyError, TypeError):
+            continue
+    return None
+
+
+def network_to_play(path: Path) -> tuple[str, Optional[dict], Optional[str]]:
+    """(what to play, its weights when they come from a full checkpoint, that run's game). A .pth is played as
+    given. A run's folder plays its best.pth, else its newest snapshot, else the policy network of its newest full
+    checkpoint (a young run: the first snapshot comes after --save-every episodes). A snapshot the run has not
+    reached yet says how far off it is and plays that network meanwhile; a missing one it passed is refused, with
+    the ones its folder holds. Each choice is said on stderr."""
+    note = lambda msg: print(msg, file=sys.stderr, flush=True)
     snapshots = lambda folder: sorted((f for f in folder.glob("*.pth") if f.stem.isdigit()), key=lambda f: int(f.stem))
+    from_checkpoint = lambda found: (str(found[0]), found[1], found[2].get("env"))
+    at = lambda summary: f"agent step {summary['step']:,}, episode {summary['episode']:,}"
     if path.is_dir():
         best, newest = path / "best.pth", (snapshots(path) or [None])[-1]
         chosen = best if best.is_file() else newest
-        if chosen is None:
-            raise UserError(f"{path} holds no snapshot to play (best.pth or <episode>.pth)")
-        why = "the best evaluation so far" if chosen == best else "its newest snapshot; there is no best.pth yet"
-        print(f"{path} is a run's folder: playing {chosen.name} ({why})", file=sys.stderr, flush=True)
-        return chosen
-    held = snapshots(path.parent) if not path.exists() and path.parent.is_dir() else []
+        if chosen is not None:
+            why = "the best evaluation so far" if chosen == best else "its newest snapshot; there is no best.pth yet"
+            note(f"{path} is a run's folder: playing {chosen.name} ({why})")
+            return str(chosen), None, None
+        found = newest_network(path)
+        if found is None:
+            raise UserError(f"{path} holds nothing to play: no snapshot (best.pth or <episode>.pth) and no full "
+                            f"checkpoint (resume/)")
+        note(f"{path} holds no snapshot yet: playing the policy network of its newest full checkpoint "
+             f"({at(found[2])})")
+        return from_checkpoint(found)
+    if path.exists() or not path.parent.is_dir():
+        return str(path), None, None
+    found = newest_network(path.parent) if path.stem.isdigit() and path.suffix == ".pth" else None
+    if found is not None and int(path.stem) > found[2]["episode"]:
+        note(f"{path} is not written yet: the run is at episode {found[2]['episode']:,} (its newest full "
+             f"checkpoint) and writes it at episode {int(path.stem):,}, {int(path.stem) - found[2]['episode']:,} "
+             f"episodes from now; playing that checkpoint's policy network meanwhile (agent step "
+             f"{found[2]['step']:,})")
+        return from_checkpoint(found)
+    held = snapshots(path.parent)
     if held:
         best = " and best.pth" if (path.parent / "best.pth").is_file() else ""
         raise UserError(f"no such checkpoint file: {path}; {path.parent} holds {len(held)} snapshot(s), "
                         f"{held[0].name} to {held[-1].name}{best}")
-    return path
+    if found is not None:
+        every = (found[2].get("args") or {}).get("save_every")
+        raise UserError(f"no such checkpoint file: {path}; the run is past episode {int(path.stem):,} but holds no "
+                        f"snapshot{f' (one every {every:,} episodes)' if isinstance(every, int) else ''}; "
+                        f"python play.py {path.parent} plays its newest network")
+    return str(path), None, None
 
 
 def game_id(args: argparse.Namespace) -> str:
     """--env, else the game of the run the checkpoint comes from (its config.json), else Breakout."""
-    if args.env:
-        return args.env
+    if args.env or args.run_env:
+        return args.env or args.run_env
     config = Path(args.checkpoint).parent / "config.json"
     if not config.is_file():
         return DEFAULT_ENV
@@ -232,7 +272,7 @@ def play(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)  # one state per forward pass: more threads only wait on each other
-    policy = load_network(args.checkpoint, device)
+    policy = load_network(args.checkpoint, device, args.weights)
     ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no emulator banner among our messages
     game = OneGame(env_id, args.seed)
     n_actions = policy.act_fc2.out_features

@@ -534,9 +534,10 @@ def checkpoint_folders(root: Path) -> list:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
 
 
-def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
+def load_checkpoint(folder: Path, arrays: bool = True) -> tuple[dict, dict, dict]:
     """(state, arrays, manifest) of a full checkpoint, after checking its format and every file against the
-    manifest. A checkpoint of another format is refused (UserError); a damaged one raises DamagedCheckpoint."""
+    manifest (without `arrays`, state.pt only, and no arrays). A checkpoint of another format is refused
+    (UserError); a damaged one raises DamagedCheckpoint."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -550,14 +551,16 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
         raise UserError(f"checkpoint {folder} has format {version}, which this version of train_breakout.py "
                         f"(format {FORMAT}) does not read; update train_breakout.py")
     for name, meta in manifest["files"].items():
+        if not arrays and name != "state.pt":
+            continue
         f = folder / name
         if not f.is_file() or f.stat().st_size != meta["bytes"]:
             raise DamagedCheckpoint(f"{name} is missing or truncated")
         if sha256(f) != meta["sha256"]:
             raise DamagedCheckpoint(f"{name} does not match its checksum")
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    arrays = {f.name[:-len(".npy.zst")]: CompressedArray(f) for f in folder.glob("*.npy.zst")}
-    return state, arrays, manifest
+    found = {f.name[:-len(".npy.zst")]: CompressedArray(f) for f in folder.glob("*.npy.zst")} if arrays else {}
+    return state, found, manifest
 
 
 def resume_newest(run_dir: Path, folders: list, fit):

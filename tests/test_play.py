@@ -180,6 +180,40 @@ def test_a_run_folder_plays_its_best_else_its_newest_snapshot_and_a_missing_one_
     assert err.count("\n") == 1 and "holds 3 snapshot(s), 25.pth to 100.pth and best.pth" in err, err
 
 
+def test_a_young_run_plays_the_network_of_its_newest_full_checkpoint_and_says_how_far_off_a_snapshot_is(
+        tmp_path, capfd):
+    # A run stopped long before its first snapshot (--save-every 25,000 episodes by default): no .pth at all.
+    run = tmp_path / "young"
+    trained = subprocess.run([sys.executable, str(ROOT / "train_breakout.py"), "--checkpoints", str(run), "--steps",
+                              "600", "--envs", "1", "--memory", "200", "--batch-size", "16", "--learn-start", "50",
+                              "--eval-every", "0", "--device", "cpu", "--seed", "2"], capture_output=True, text=True,
+                             timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    for snapshot in run.glob("*.pth"):  # the one written as the budget ran out; a run stopped by Ctrl-C has none
+        snapshot.unlink()
+    checkpoint = sorted((run / "resume").iterdir())[-1]
+    state, _, manifest = play.load_checkpoint(checkpoint)
+    episode = manifest["summary"]["episode"]
+    torch.save(state["policy_net"], tmp_path / "policy.pth")
+    capfd.readouterr()
+    played = {}
+    for name, target in (("snapshot", run / "600000.pth"), ("folder", run), ("policy", tmp_path / "policy.pth")):
+        assert play.main([str(target), "--no-render", "--json", "--max-steps", MAX_STEPS, "--seed", "3"]) == 0
+        out, err = capfd.readouterr()
+        played[name] = (json.loads(out), err)
+    err = played["snapshot"][1]
+    assert (f"600000.pth is not written yet: the run is at episode {episode} (its newest full checkpoint) and "
+            f"writes it at episode 600,000, {600_000 - episode:,} episodes from now; playing that checkpoint's "
+            f"policy network meanwhile (agent step 600)") in err, err
+    assert "holds no snapshot yet: playing the policy network of its newest full checkpoint (agent step 600, " \
+           f"episode {episode})" in played["folder"][1]
+    assert played["snapshot"][0] == played["folder"][0] == played["policy"][0]  # that network, greedy, same games
+    # A snapshot the run has passed without writing it is refused, saying what plays.
+    assert play.main([str(run / "1.pth"), "--no-render"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and f"python play.py {run} plays its newest network" in err, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_device_cuda_without_cuda_is_refused(tutorial_pth, capfd):
     assert play.main([str(tutorial_pth), "--no-render", "--device", "cuda"]) == 2
