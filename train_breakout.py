@@ -18,20 +18,28 @@ import copy
 import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import cv2
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
+# A scheduler's SIGTERM while the trainer starts up (imports, a checkpoint being read) is kept and honoured at
+# the first step, so the run still saves and ends with the line a requeue looks for.
+TERMINATED_AT_START: list = []
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: TERMINATED_AT_START.append(signum))
 
-from plumbing import (NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, DamagedCheckpoint, GameVideos,
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from plumbing import (  # noqa: E402
+                      NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, DamagedCheckpoint, GameVideos,
                       Helper, Progress, RingSnapshot, Rows, RunLock, RunLog, Staging, StopRequest, UserError, Writes,
                       check_bounds, check_memory_fits, check_run_folder, checkpoints_to_try, clear_leftovers,
                       compile_failure, config_of, curve_data, describe, draw_curve, flag, flag_parser, frozen,
@@ -1080,6 +1088,8 @@ class Session:
         self.evaluations = Helper("evaluations")
         self.checkpoints = Checkpoints(run_dir / "resume", args.keep_checkpoints)
         self.stop = StopRequest()  # last: train() gives the signals back from here on
+        if TERMINATED_AT_START:
+            self.stop.signal = "SIGTERM"
 
     def stop_compiling(self, why: str) -> None:
         """One line, and the eager functions from here on (acting on every game, as the compiled one did)."""

@@ -130,6 +130,21 @@ def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     train(mid_game, "--resume", "--steps", "3000")
     assert_same_run(straight, mid_game)
 
+    # A scheduler's SIGTERM may come while the trainer is still starting (Slurm sends its signal up to a minute
+    # early): during the imports, on a start and on a resume. Each is kept until the run can save, and ends with
+    # the two lines a requeue looks for.
+    early = tmp_path / "early"
+    for flags in (command, command):
+        proc = start(early, *flags)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.strip().splitlines()[-2].startswith("stopped by SIGTERM at episode 0, agent step 0;"), out
+    assert "resumed from" in out
+    train(early, *command)
+    assert_same_run(straight, early)
+
 
 def test_ctrl_c_saves_and_resume_extends_a_finished_run(tmp_path):
     run = tmp_path / "run"
