@@ -1068,7 +1068,7 @@ class Progress:
 
     UNITS = {"s": "seconds", "step": "agent steps", "ep": "episodes"}
 
-    def __init__(self, total: int, unit: str, done: float, steps: int, every: float,
+    def __init__(self, total: int, unit: str, done: float, steps: int, every: float, figures: dict,
                  terminal: Optional[bool] = None):
         self.total, self.unit, self.every = total, unit, every
         terminal = sys.stderr.isatty() if terminal is None else terminal
@@ -1076,7 +1076,7 @@ class Progress:
                         mininterval=1.0) if terminal else None
         self.rate_time, self.rate_steps, self.steps_per_s = time.time(), steps, 0.0
         self.line_time, self.line_done, self.line_steps = time.time(), done, steps  # the last line's, or the start's
-        self.figures = dict(episodes=0, score=None, eps=1.0)
+        self.figures = figures  # episodes, mean score of the last 100 games (None before the first), epsilon
 
     def measure(self, steps: int) -> None:
         now = time.time()

@@ -1080,7 +1080,8 @@ class Session:
         # Progress follows the budget that was given: minutes (in seconds), else agent steps, else episodes.
         total, unit = ((round(60 * args.minutes), "s") if args.minutes is not None else
                        (args.steps, "step") if args.steps is not None else (args.episodes, "ep"))
-        self.progress = Progress(total, unit, self.done(run.counters), run.counters.steps, args.progress_every)
+        self.progress = Progress(total, unit, self.done(run.counters), run.counters.steps, args.progress_every,
+                                 progress_figures(run, args))
         self.staging = Staging(device)  # the frames' upload
         # Beside training: the curve's process, the evaluations' process, the thread writing checkpoints.
         curve = run_dir / "curve.png"
@@ -1229,12 +1230,14 @@ def record(run: Run, session: Session, outcome: Outcome) -> None:
                         loss=learned.loss, mean_q=learned.mean_q, steps_per_s=session.progress.steps_per_s,
                         replay_fill=len(run.replay) / session.args.memory)
         tracking.game_score[i], tracking.lives_lost[i] = 0, 0
-    figures = None
-    if outcome.done.any():
-        recent = run.history.games.array[-100:, 2]
-        figures = dict(episodes=counters.episodes, score=float(np.mean(recent)) if len(recent) else None,
-                       eps=epsilon(counters.steps, session.args))
-    session.progress.show(session.done(counters), counters.steps, figures)
+    session.progress.show(session.done(counters), counters.steps,
+                          progress_figures(run, session.args) if outcome.done.any() else None)
+
+
+def progress_figures(run: Run, args: Args) -> dict:
+    recent = run.history.games.array[-100:, 2]
+    return dict(episodes=run.counters.episodes, score=float(np.mean(recent)) if len(recent) else None,
+                eps=epsilon(run.counters.steps, args))
 
 
 def periodic_work(run: Run, session: Session) -> None:
