@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -841,14 +842,35 @@ def float32_precision() -> tuple:
     return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM)
+CAN_HOLD_SIGNALS = hasattr(signal, "pthread_sigmask")  # not on Windows, which has no SIGTERM to send
+
+
+class stops_held(contextlib.ContextDecorator):
+    """Ctrl-C and SIGTERM held back from this thread while it starts a helper process, which inherits the mask
+    and so cannot be stopped while it imports (_helper_started ignores them, then lets them in). Held, not lost:
+    one sent to the trainer meanwhile reaches it on the way out."""
+
+    def __enter__(self):
+        if CAN_HOLD_SIGNALS:
+            self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+
+    def __exit__(self, *exc):
+        if CAN_HOLD_SIGNALS:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+
+
 def _helper_started(precision: tuple) -> None:
     """In the helper process: the trainer's float32 precision (so that an evaluation beside training computes the
-    Q-values one in the loop does); Ctrl-C and a scheduler's SIGTERM reach the whole process group, and the
-    trainer decides; the helper ends once the trainer is gone (kill -9 included)."""
+    Q-values one in the loop does); Ctrl-C and a scheduler's SIGTERM reach the whole process group (Slurm signals
+    every process of a job), and the trainer decides, ending its helpers itself; the helper ends once the trainer
+    is gone (kill -9 included)."""
     torch.set_float32_matmul_precision(precision[0])
     torch.backends.cudnn.allow_tf32 = precision[1]
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # Slurm's signal reaches the helpers too; close() ends them
+    for s in STOPS:
+        signal.signal(s, signal.SIG_IGN)
+    if CAN_HOLD_SIGNALS:  # those sent while it started (stops_held) were pending; ignored, they are dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
     parent = multiprocessing.parent_process()
     threading.Thread(target=lambda: (parent.join(), os._exit(0)), daemon=True).start()
 
@@ -905,7 +927,8 @@ class Helper:
                         1, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_started,
                         initargs=(float32_precision(),))
                 try:
-                    self.current = self.pool.submit(work, *args)
+                    with stops_held():  # the pool starts its process here
+                        self.current = self.pool.submit(work, *args)
                     break
                 except BrokenProcessPool:  # its process died while it had no job: start another
                     if attempt:

@@ -213,3 +213,23 @@ def test_a_helper_process_computes_at_the_trainers_precision_on_arguments_of_its
     finally:
         torch.set_float32_matmul_precision(before)
         helper.close(timeout=0)
+
+
+def test_a_helper_leaves_ctrl_c_and_sigterm_to_the_trainer_even_while_it_starts():
+    # Slurm's SIGTERM, and Ctrl-C, reach every process of the job; a helper still importing (it takes seconds)
+    # died of them, and the run said so in a warning. Each signal here lands in its first instants.
+    helper = plumbing.Helper("test")
+    held = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: held.append("trainer"))
+    try:
+        assert helper.submit(os.getpid)
+        child = next(iter(helper.pool._processes.values()))
+        for s in (signal.SIGTERM, signal.SIGINT):
+            os.kill(child.pid, s)
+        os.kill(os.getpid(), signal.SIGTERM)  # the trainer gets its own, as ever
+        assert helper.poll(wait=True) == (True, child.pid)
+        assert helper.submit(os.getpid) and helper.poll(wait=True) == (True, child.pid)  # the same process
+    finally:
+        helper.close(timeout=5)
+        signal.signal(signal.SIGTERM, previous)
+    assert held == ["trainer"]
