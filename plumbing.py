@@ -846,18 +846,19 @@ STOPS = (signal.SIGINT, signal.SIGTERM)
 CAN_HOLD_SIGNALS = hasattr(signal, "pthread_sigmask")  # not on Windows, which has no SIGTERM to send
 
 
-class stops_held(contextlib.ContextDecorator):
+@contextlib.contextmanager
+def stops_held():
     """Ctrl-C and SIGTERM held back from this thread while it starts a helper process, which inherits the mask
     and so cannot be stopped while it imports (_helper_started ignores them, then lets them in). Held, not lost:
     one sent to the trainer meanwhile reaches it on the way out."""
-
-    def __enter__(self):
-        if CAN_HOLD_SIGNALS:
-            self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
-
-    def __exit__(self, *exc):
-        if CAN_HOLD_SIGNALS:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+    if not CAN_HOLD_SIGNALS:
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _helper_started(precision: tuple) -> None:
