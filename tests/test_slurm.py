@@ -1,5 +1,5 @@
-"""The README's Slurm script, run on a real Slurm: every array task is signalled before its time limit, saves,
-requeues itself, resumes and ends with `done:`; and the run it makes equals one uninterrupted run.
+"""The Slurm script of docs/clusters.md, run on a real Slurm: every array task is signalled before its time limit,
+saves, requeues itself, resumes and ends with `done:`; and the run it makes equals one uninterrupted run.
 
 The one-node Slurm comes from .ci/slurm-up (munged, slurmctld and slurmd on this machine). Where it cannot start
 the test skips and says why; with BREAKOUT_REQUIRE_SLURM=1 (set by .ci/run) it fails instead."""
@@ -35,25 +35,25 @@ def slurm_or_skip() -> None:
 
 
 def readme_script() -> str:
-    """The README's array script: the bash block of the section "A cluster: Slurm"."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### A cluster: Slurm"):]
+    """The array script of docs/clusters.md: the bash block of its section "A cluster: Slurm"."""
+    page = (ROOT / "docs" / "clusters.md").read_text()
+    section = page[page.index("## A cluster: Slurm"):]
     start = section.index("```bash\n") + len("```bash\n")
     return section[start:section.index("\n```", start)] + "\n"
 
 
 def replaced(text: str, pattern: str, new: str) -> str:
-    """`text` with the one line matching `pattern` replaced (new=None removes it); the README must have it."""
+    """`text` with the one line matching `pattern` replaced (new=None removes it); docs/clusters.md must have it."""
     lines = text.splitlines(keepends=True)
     hits = [i for i, line in enumerate(lines) if re.search(pattern, line)]
-    assert len(hits) == 1, f"the README's Slurm script has {len(hits)} lines matching {pattern!r}"
+    assert len(hits) == 1, f"the Slurm script of docs/clusters.md has {len(hits)} lines matching {pattern!r}"
     lines[hits[0]] = "" if new is None else re.sub(pattern, new, lines[hits[0]])
     return "".join(lines)
 
 
 def adapted(script: str, flags: list) -> str:
     """The script with its resources for this one machine, a short limit, two tasks and a small run: the rest, the
-    srun line's own flags and the requeue line included, is the README's."""
+    srun line's own flags and the requeue line included, is docs/clusters.md's."""
     script = replaced(script, r"^#SBATCH --gres=.*\n", None)
     script = replaced(script, r"^#SBATCH --cpus-per-task=.*\n", None)
     script = replaced(script, r"--array=\S+", f"--array=0-{TASKS - 1}")
