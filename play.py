@@ -12,6 +12,7 @@ import argparse
 import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,10 +24,12 @@ import cv2
 import numpy as np
 import torch
 
-from plumbing import (DamagedCheckpoint, HelpFormatter, UserError, VideoWriter, checkpoint_folders, draw_frame,
-                      load_checkpoint, pick_device, run_command)
-from train_breakout import (WALL_CLEARED, DuelingNetwork, FrameStack, OneGame, choose_actions, fire_action,
-                            lives_starting, preprocess_all)
+from train_breakout import WALL_CLEARED, DuelingNetwork, FrameStack, choose_actions, lives_starting, preprocess_all
+from trainer_support.atari import OneGame, fire_action
+from trainer_support.checkpoint import DamagedCheckpoint, checkpoint_folders, load_checkpoint
+from trainer_support.cli import HelpFormatter, UserError, run_command
+from trainer_support.device import pick_device
+from trainer_support.video import VideoWriter, draw_frame
 
 DEFAULT_ENV = "ALE/Breakout-v5"
 REAL_SPEED = 60 / 4  # agent steps per second: ALE runs 60 frames/s and each step is 4 frames
@@ -328,4 +331,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # Python leaves SIGINT ignored when it starts ignored (a background job of a shell script, a test suite run
+    # with `&`): Ctrl-C and `kill -INT` must stop a game all the same.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

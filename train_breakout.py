@@ -5,16 +5,15 @@ memory, and a run that survives being stopped.
     python train_breakout.py --episodes 600000 --memory 100000   # train (Ctrl-C saves; --resume goes on)
     python play.py checkpoints/600000.pth                         # watch the agent
 
-The file is the DQN, top to bottom: flags, the games, preprocessing and frame stacking, the replay memory,
-the two transition rules, the network, exploration, the learning step and target update, evaluation, the
-run's state (declared once in `Run`: a full checkpoint saves and restores its fields) and the training loop,
-a handful of named steps over that state. The run's plumbing (checkpoint files, the run's folder, helper
-processes, logs, the curve, videos) is in plumbing.py. README.md explains the recipe.
+The file is the DQN, top to bottom: flags, preprocessing and frame stacking, the replay memory, the two
+transition rules, the network, exploration, the learning step and target update, evaluation, the run's state
+(declared once in `Run`: a full checkpoint saves and restores its fields) and the training loop, a handful of
+named steps over that state. The support code (the emulator, checkpoint files, the run's folder, the
+evaluations' process, logs, the curve, videos) is in trainer_support/, one module per concern; docs/ explains
+the recipe.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import math
 import os
@@ -38,20 +37,25 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from plumbing import (  # noqa: E402
-                      NOT_NEGATIVE, POSITIVE, UNIT, CannotRestore, Checkpoints, DamagedCheckpoint, GameVideos,
-                      Helper, Progress, RingSnapshot, Rows, RunLock, RunLog, Staging, StopRequest, UserError, Writes,
-                      check_bounds, check_memory_fits, check_run_folder, checkpoints_to_try, clear_leftovers,
-                      compile_failure, config_of, curve_data, describe, draw_curve, flag, flag_parser, frozen,
-                      load_rows, log_friendly_output, new_run_id, pick_device, relative_difference, restore_state,
-                      resume_newest, resumed_args, run_command, run_folder, save_snapshot, say_if_short_of_space,
-                      write_json)
+from trainer_support.atari import OneGame, VectorGames, ale_settings, fire_action, make_games  # noqa: E402
+from trainer_support.background import Helper, StopRequest, frozen  # noqa: E402
+from trainer_support.checkpoint import (DamagedCheckpoint, load_rows, restore_state, save_full_checkpoint,  # noqa: E402
+                                        say_if_not_saved)
+from trainer_support.cli import (NOT_NEGATIVE, POSITIVE, UNIT, UserError, check_bounds, describe, flag,  # noqa: E402
+                                 flag_parser, run_command)
+from trainer_support.compiling import compile_failure, compiled, differences, greedy_disagreements  # noqa: E402
+from trainer_support.device import (EVAL_BESIDE_CORES, Staging, check_memory_fits, pick_device, switches,  # noqa: E402
+                                    threads_for, torch_threads)
+from trainer_support.curve import History, draw_curve  # noqa: E402
+from trainer_support.files import Writes, save_snapshot, say_if_short_of_space, write_json  # noqa: E402
+from trainer_support.logs import Progress, RunLog, log_friendly_output  # noqa: E402
+from trainer_support.run_folder import (check_run_folder, checkpoints_to_try, clear_leftovers, config_of,  # noqa: E402
+                                        lock_run_folder, new_run_id, resume_newest, resumed_args, run_folder,
+                                        unlock_run_folder)
+from trainer_support.video import GameVideos  # noqa: E402
 
 
 # ---- Arguments: every field is a flag; new_on_resume marks those that only say where, how long or how visibly.
-EVAL_BESIDE_CORES = 8  # --eval-beside auto: the cores from which an evaluation plays beside training
-
-
 @dataclass
 class Args:
     # How long, and where things go
@@ -132,7 +136,7 @@ class Args:
         return self.memory if self.learn_start is None else self.learn_start
 
 
-# --recipe fast: a modern recipe for the same network, tuned for wall-clock time (README: "Recipes").
+# --recipe fast: a modern recipe for the same network, tuned for wall-clock time (docs/recipes.md).
 RECIPES = {
     "tutorial": {},
     "fast": dict(block=1, n_step=3, memory=200_000, batch_size=64, learn_start=20_000, lr=2.5e-4,
@@ -159,190 +163,11 @@ def check_args(a: Args) -> None:
         raise UserError(f"--memory ({a.memory}) must be at least --batch-size ({a.batch_size})")
 
 
-# ---- Environment: N games of one ALE id, with the settings Gymnasium registers for it (ALE/Breakout-v5:
-# frameskip 4, sticky actions 0.25, minimal action set). A game that ends is reset in the same step, so the
-# frame returned for it is the new game's first.
-def ale_settings(env_id: str) -> dict:
-    """The emulator settings Gymnasium registers for `env_id`; a clear error for anything else."""
-    import ale_py
-    import gymnasium as gym
-    gym.register_envs(ale_py)
-    try:
-        spec = gym.spec(env_id)
-    except gym.error.Error as e:
-        raise UserError(f"unknown game {env_id!r} ({e}); try ALE/Breakout-v5 or ALE/Pong-v5") from None
-    if "game" not in spec.kwargs or not str(spec.entry_point).startswith("ale_py"):
-        raise UserError(f"{env_id!r} is not an Atari (ALE) game; try ALE/Breakout-v5")
-    skip = spec.kwargs.get("frameskip", 4)
-    if not isinstance(skip, int):
-        raise UserError(f"{env_id!r} uses a random frameskip; use a -v5 id such as ALE/Breakout-v5")
-    return dict(game=spec.kwargs["game"], frameskip=skip,
-                repeat_action_probability=spec.kwargs.get("repeat_action_probability", 0.25),
-                max_num_frames_per_episode=spec.kwargs.get("max_num_frames_per_episode", 108_000))
-
-
-PIN_GAMES, SPARE_CORES = True, 0  # the trainer's games: one thread pinned per core, none left to the loop; the
-# alternatives are measured by benchmarks/gpu_check.py
-
-
-def game_cores() -> int:
-    return max(1, (os.cpu_count() or 1) - SPARE_CORES)
-
-
-class VectorGames:
-    """N games stepped by ale-py's C++ thread pool (`AtariVectorEnv`), raw frames, no wrappers. Breakout comes
-    back as the emulator's own greyscale (a third of RGB's bytes), which `screen_lut` turns into exactly the
-    tutorial's grey (see BREAKOUT_GREY); other games as RGB."""
-
-    def __init__(self, env_id: str, n: int, seed: int, rgb: bool = False, threads: Optional[int] = None):
-        import ale_py
-        s = ale_settings(env_id)
-        self.screen_lut = breakout_grey_lut() if s["game"] == "breakout" and not rgb else None
-        pinned_from = (os.cpu_count() or 1) - game_cores() if threads is None and PIN_GAMES else -1  # -1: not pinned
-        self.env = ale_py.AtariVectorEnv(
-            s["game"], n, frameskip=s["frameskip"], repeat_action_probability=s["repeat_action_probability"],
-            max_num_frames_per_episode=s["max_num_frames_per_episode"], img_height=210, img_width=160,
-            grayscale=self.screen_lut is not None, stack_num=1, maxpool=False, noop_max=0, reward_clipping=False,
-            use_fire_reset=False, episodic_life=False, autoreset_mode="SameStep",
-            num_threads=min(n, threads or game_cores()), thread_affinity_offset=pinned_from)
-        self.actions = list(self.env.ale.get_action_set())
-        self.seed = seed % (2**31 - n + 1)  # game i gets seed + i, which the emulator takes as a 32-bit int
-
-    def reset(self):
-        obs, info = self.env.reset(seed=self.seed)
-        return obs[:, 0], info["lives"].astype(np.int64)
-
-    def send(self, actions: np.ndarray) -> None:
-        """Start a step of every game; the emulator's threads play it while the caller goes on."""
-        self.env.send(actions.astype(np.int32))
-
-    def recv(self):
-        """Wait for the step `send` started: screens, rewards, terminated, truncated, lives."""
-        obs, reward, terminated, truncated, info = self.env.recv()
-        return obs[:, 0], reward.astype(np.float32), terminated, truncated, info["lives"].astype(np.int64)
-
-    def step(self, actions: np.ndarray):
-        self.send(actions)
-        return self.recv()
-
-    def fire_swallowed(self, fire: int) -> np.ndarray:
-        """ale-py's vector environment does not tell whether sticky actions swallowed a FIRE: never, here."""
-        return np.zeros(self.env.num_envs, bool)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        raise CannotRestore("ale-py's vector environment cannot save its games")
-
-    def close(self):
-        self.env.close()
-
-
-class OneGame:
-    """One game through `gym.make`, as the tutorial ran it, with the sticky actions drawn here: each emulator frame
-    repeats the previous frame's action with probability 0.25. ALE keeps the held action outside its saved state,
-    so a restored game would hold another; drawn here as ALE draws them (frame by frame, NOOP held at the start of
-    a game), `state_dict` holds everything and a run with --envs 1 resumes exactly. They are then a game's only
-    randomness, so a new game needs no reseeding of the emulator (which reloads the ROM)."""
-
-    screen_lut = None  # RGB frames
-    ARRAYS = ("emulator",)  # a checkpoint's arrays
-
-    def __init__(self, env_id: str, seed: int):
-        import ale_py
-        import gymnasium as gym
-        s = ale_settings(env_id)  # also registers the ALE ids with Gymnasium
-        self.noop = ale_py.Action.NOOP
-        self.frameskip, self.sticky = s["frameskip"], s["repeat_action_probability"]
-        self.env = gym.make(env_id, frameskip=1, repeat_action_probability=0.0)
-        self.ale = self.env.unwrapped.ale
-        self.actions = list(self.ale.getMinimalActionSet())
-        self.seeds = np.random.default_rng(seed)  # seeds of successive games' sticky draws
-        self.sticky_rng = np.random.default_rng(0)
-        self.held = self.noop  # the action the emulator applied in the last frame
-
-    def _new_game(self):
-        seed = int(self.seeds.integers(2**24))
-        frame, info = self.env.reset()
-        self.sticky_rng, self.held = np.random.default_rng(seed), self.noop  # as after ALE's reset
-        return frame, info["lives"]
-
-    def reset(self):
-        frame, lives = self._new_game()
-        return frame[None], np.array([lives])
-
-    def send(self, actions: np.ndarray) -> None:
-        self.sent = actions  # one game is stepped by this thread, in recv
-
-    def recv(self):
-        return self.step(self.sent)
-
-    def step(self, actions: np.ndarray):
-        action, reward = self.actions[int(actions[0])], 0.0
-        for draw in self.sticky_rng.random(self.frameskip):
-            if draw >= self.sticky:
-                self.held = action
-            reward += self.ale.act(self.held)
-        terminated, truncated = self.ale.game_over(with_truncation=False), self.ale.game_truncated()
-        frame, lives = self.ale.getScreenRGB(), self.ale.lives()
-        if terminated or truncated:
-            frame, lives = self._new_game()
-        return (frame[None], np.array([reward], np.float32), np.array([terminated]), np.array([truncated]),
-                np.array([lives]))
-
-    def fire_swallowed(self, fire: int) -> np.ndarray:
-        """Whether the last step's action `fire` was swallowed: the emulator never applied it."""
-        return np.array([self.held != self.actions[fire]])
-
-    def state_dict(self) -> dict:
-        """The emulator's bytes, the game seeds, the sticky-action draws and the held action."""
-        # ALE's own random state is left out: with the sticky draws made here it decides nothing.
-        emulator = np.frombuffer(self.ale.cloneState(include_rng=False).serialize(), np.uint8)
-        return dict(emulator=emulator, seeds=self.seeds.bit_generator.state,
-                    sticky=self.sticky_rng.bit_generator.state, held=self.held.value)
-
-    def load_state_dict(self, state: dict) -> None:
-        import ale_py
-        self.env.reset()  # Gymnasium refuses step() before a reset; the restore below overrides it
-        self.ale.restoreState(ale_py.ALEState(np.asarray(state["emulator"]).tobytes()))
-        self.seeds.bit_generator.state = state["seeds"]
-        self.sticky_rng.bit_generator.state = state["sticky"]
-        self.held = ale_py.Action(state["held"])
-
-    def close(self):
-        self.env.close()
-
-
-def make_games(env_id: str, n: int, seed: int, rgb: bool = False, threads: Optional[int] = None):
-    """One gym.make game for n == 1, else ale-py's vector environment (RGB with `rgb`), `threads` threads."""
-    return OneGame(env_id, seed) if n == 1 else VectorGames(env_id, n, seed, rgb, threads)
-
-
-def fire_action(actions: list) -> Optional[int]:
-    """Index of FIRE in the game's action set (1 in Breakout), or None for games without it."""
-    names = [a.name for a in actions]
-    return names.index("FIRE") if "FIRE" in names else None
-
-
 # ---- Preprocessing: the tutorial's crop, grey and resize, kept as uint8 (the tutorial's float is this / 255).
 SIZE = 84
 # Random erasing: 10 tries, each taken with probability 0.1, zeroing a 4x10 patch whose top-left corner
 # lies in rows 10..25 and columns 0..70 (inclusive): where the bricks are after cropping.
 ERASE_TRIES, ERASE_P, ERASE_H, ERASE_W, ERASE_ROWS, ERASE_COLS = 10, 0.1, 4, 10, (10, 25), (0, 70)
-
-
-# Breakout draws with nine colours of the emulator's palette. ALE's own greyscale of each (0.2989 R +
-# 0.5870 G + 0.1140 B) is distinct, so it determines the grey the tutorial's COLOR_BGR2GRAY of the RGB
-# frame gives (0.114 R + 0.587 G + 0.299 B): {ALE grey: tutorial grey}, read off the emulator's RGB and
-# greyscale screens of 100,000 frames of play; tests/test_train.py checks the two paths agree on every pixel.
-BREAKOUT_GREY = {0: 0, 142: 142, 148: 126, 131: 106, 129: 103, 110: 87, 85: 110, 127: 139, 124: 124}
-
-
-def breakout_grey_lut() -> np.ndarray:
-    lut = np.arange(256, dtype=np.uint8)
-    lut[list(BREAKOUT_GREY)] = list(BREAKOUT_GREY.values())
-    return lut
 
 
 def preprocess_all(screens: np.ndarray, erase_rng: Optional[np.random.Generator],
@@ -430,7 +255,6 @@ class ReplayMemory:
         self.frames_written = 0  # frame slots written so far; the newest is (frames_written - 1) % slots
         self.stored = 0          # transitions stored so far; the FIFO holds the last min(stored, capacity)
         self.staging = Staging(device)
-        self.snapshot: Optional[RingSnapshot] = None  # the frames as a checkpoint being written reads them
 
     @staticmethod
     def ring_slots(capacity: int, games: int, depth: int, block: int, n_step: int = 1) -> int:
@@ -447,8 +271,6 @@ class ReplayMemory:
     def add_frames(self, frames: torch.Tensor, game_start: torch.Tensor) -> int:
         """Write one frame per game; returns the slot."""
         slot = self.frames_written % self.slots
-        if self.snapshot is not None and not self.snapshot.keep_before_overwrite(slot):
-            self.snapshot = None  # read whole
         self.frames[slot] = frames
         self.game_start[slot] = game_start
         self.frames_written += 1
@@ -491,27 +313,23 @@ class ReplayMemory:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         """A uniform batch, on the device."""
-        i = torch.randint(len(self), (batch_size,), device=self.device, generator=generator)
-        states, next_states = self.stacks(self.game[i], self.slot[i])
-        return Batch(states, self.action[i], self.reward[i], next_states, self.has_next[i])
+        return self.batch(torch.randint(len(self), (batch_size,), device=self.device, generator=generator))
 
-    def example_batch(self, batch_size: int) -> Batch:
-        """A batch with the shapes, strides and dtypes of `sample`'s (the frames of the ring's first slots,
-        whatever they hold), drawing no random number and changing nothing: what compiling is warmed up on."""
-        first = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
-        states, next_states = self.stacks(first, first)
-        return Batch(states, self.action[first], self.reward[first], next_states, self.has_next[first] | True)
+    def batch(self, i: torch.Tensor) -> Batch:
+        """The transitions at the indices `i` (the first ones, whatever they hold, are what compiling warms up on)."""
+        states, next_states = self.stacks(self.game[i], self.slot[i])
+        return Batch(states=states, actions=self.action[i], rewards=self.reward[i], next_states=next_states,
+                     has_next=self.has_next[i])
 
     ARRAYS = ("frames", "game_start", "game", "slot", "action", "reward", "has_next")  # a checkpoint's arrays
 
     def state_dict(self) -> dict:
-        """The tables as NumPy arrays (the frames as a RingSnapshot), and the two counters. Only the part
-        written so far is kept, so an early checkpoint is small."""
+        """The tables (the frames as a tensor, which a checkpoint writes a chunk at a time), and the two counters.
+        Only the part written so far is kept, so an early checkpoint is small."""
         slots_used, transitions = min(self.frames_written, self.slots), len(self)
         state = {name: getattr(self, name)[:slots_used if name == "game_start" else transitions].cpu().numpy()
                  for name in self.ARRAYS if name != "frames"}
-        self.snapshot = RingSnapshot(self.frames[:slots_used])
-        return dict(state, frames=self.snapshot, frames_written=self.frames_written, stored=self.stored)
+        return dict(state, frames=self.frames[:slots_used], frames_written=self.frames_written, stored=self.stored)
 
     def load_state_dict(self, state: dict) -> None:
         for name in self.ARRAYS:
@@ -679,34 +497,33 @@ def lives_starting(games, fire: Optional[int], need_fire: np.ndarray, ended: np.
 
 
 # ---- Learning step: one gradient update of the policy network on a uniform batch.
-def td_loss(policy: nn.Module, target: nn.Module, states, actions, rewards, next_states, has_next,
-            discount: float, double: bool):
-    """Huber loss to the Q-learning target r + discount * max_a Q_target(s', a), 0 past a lost life (Mnih et
-    al., 2015), or with `double` Q_target(s', argmax_a Q_policy(s', a)) (van Hasselt et al., 2016); and the
-    batch's mean Q."""
-    q = policy(as_input(states)).gather(1, actions.unsqueeze(1)).squeeze(1)
-    with torch.no_grad():
-        next_input = as_input(next_states)
-        next_all = target(next_input)
-        if double:
-            next_q = next_all.gather(1, policy(next_input).argmax(1, keepdim=True)).squeeze(1)
-        else:
-            next_q = next_all.max(1).values
-        targets = rewards + discount * next_q * has_next
-    return F.smooth_l1_loss(q, targets), q.detach().mean()
-
-
 class Learned(NamedTuple):
     """The Huber loss and mean Q of an update (device tensors), or since the last logged row (floats or None)."""
     loss: torch.Tensor | Optional[float]
     mean_q: torch.Tensor | Optional[float]
 
 
+def td_loss(policy: nn.Module, target: nn.Module, batch: Batch, discount: float, double: bool) -> Learned:
+    """Huber loss to the Q-learning target r + discount * max_a Q_target(s', a), 0 past a lost life (Mnih et
+    al., 2015), or with `double` Q_target(s', argmax_a Q_policy(s', a)) (van Hasselt et al., 2016); and the
+    batch's mean Q."""
+    q = policy(as_input(batch.states)).gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+    with torch.no_grad():
+        next_input = as_input(batch.next_states)
+        next_all = target(next_input)
+        if double:
+            next_q = next_all.gather(1, policy(next_input).argmax(1, keepdim=True)).squeeze(1)
+        else:
+            next_q = next_all.max(1).values
+        targets = batch.rewards + discount * next_q * batch.has_next
+    return Learned(loss=F.smooth_l1_loss(q, targets), mean_q=q.detach().mean())
+
+
 def td_gradients(policy: nn.Module, target: nn.Module, batch: Batch, discount: float, double: bool,
                  loss_fn=td_loss) -> Learned:
     """The forward and backward pass of an update: `loss_fn` (td_loss or it compiled) of `batch`, its gradients
     in the policy's `.grad`."""
-    loss, mean_q = loss_fn(policy, target, *batch, discount, double)
+    loss, mean_q = loss_fn(policy, target, batch, discount, double)
     policy.zero_grad(set_to_none=True)
     loss.backward()
     return Learned(loss.detach(), mean_q)
@@ -793,35 +610,8 @@ METRIC_COLUMNS = ["kind", "step", "seconds", "episode", "score", "lives_lost", "
                   "steps_per_s", "replay_fill"]
 
 
-class History:
-    """What curve.png draws, in rows of (agent step, seconds, score) per game, (step, episode, mean life score) per
-    redraw, (step, seconds, mean, max, games clearing the wall) per evaluation, (step, loss, mean Q) per row."""
-
-    COLUMNS = dict(games=3, lives=3, evals=5, learning=3)
-    ARRAYS = tuple(COLUMNS)  # a checkpoint's arrays
-
-    def __init__(self):
-        for name, width in self.COLUMNS.items():
-            setattr(self, name, Rows(width))
-
-    def state_dict(self) -> dict:
-        """Read-only views: the rows so far are never written again, so a checkpoint needs no copy of them."""
-        views = {name: getattr(self, name).array for name in self.COLUMNS}
-        for view in views.values():
-            view.flags.writeable = False
-        return views
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, width in self.COLUMNS.items():
-            setattr(self, name, Rows(width, state[name]))
-
-    def curve_data(self) -> dict:
-        """What curve.png draws, thinned (plumbing.curve_data)."""
-        return curve_data(self.games.array, self.lives.array, self.evals.array, self.learning.array, WALL_CLEARED)
-
-
-# ---- The run's state, declared once: a full checkpoint saves and restores every field of `Run` (plumbing.py
-# walks them; a part's ARRAYS go to compressed files), so a field added to Run needs no other edit.
+# ---- The run's state, declared once: a full checkpoint saves and restores every field of `Run` (trainer_support.
+# checkpoint walks them; a part's ARRAYS go to compressed files), so a field added to Run needs no other edit.
 @dataclass
 class Counters:
     steps: int = 0                       # agent steps, all games together
@@ -874,17 +664,6 @@ class Every:
 
 
 @dataclass
-class PendingEvaluation:
-    """The evaluation playing beside training, if any: the step, episode and seconds of its weights, its number
-    (which seeds its games) and the weights; a full checkpoint keeps it, so a resumed run plays it again."""
-    step: Optional[int] = None
-    episode: int = 0
-    seconds: float = 0.0
-    number: int = 0
-    weights: Optional[dict] = None
-
-
-@dataclass
 class Run:
     """A run at an agent step: everything a full checkpoint saves and restores."""
     games: OneGame | VectorGames         # the emulators (ale-py's vector environment cannot save its games)
@@ -899,11 +678,10 @@ class Run:
     tracking: GameTracking
     counters: Counters
     learning: LearningStats              # loss and Q since the last logged row
-    history: History                     # what curve.png draws
+    history: History                     # what curve.png draws (trainer_support.curve)
     snapshots: Every                     # <episode>.pth every --save-every episodes
     curve: Every                         # curve.png every --plot-every episodes
     evaluations: Every                   # an evaluation every --eval-every agent steps
-    evaluating: PendingEvaluation        # the evaluation playing beside training
 
 
 def new_run(args: Args, device: torch.device, games) -> Run:
@@ -924,9 +702,9 @@ def new_run(args: Args, device: torch.device, games) -> Run:
                stack=FrameStack(n, args.frames, device),
                transitions=BlockRule(n, block) if args.n_step == 1 else NStepRule(n, args.n_step, args.gamma),
                tracking=GameTracking.new_games(np.zeros(n, np.int64)), counters=Counters(),
-               learning=LearningStats(device), history=History(),
+               learning=LearningStats(device), history=History(WALL_CLEARED),
                snapshots=Every.counting_from(args.save_every), curve=Every.counting_from(args.plot_every),
-               evaluations=Every.counting_from(args.eval_every), evaluating=PendingEvaluation())
+               evaluations=Every.counting_from(args.eval_every))
 
 
 def start_games(run: Run, args: Args) -> None:
@@ -962,97 +740,46 @@ def restore(run: Run, checkpoint, args: Args, given: set) -> None:
 
 
 # ---- Starting: a new run, or the one a checkpoint continues; and this process's share of it.
-class Switches(NamedTuple):
-    """The auto|on|off flags, resolved once for this machine."""
-    overlap: bool       # --overlap: learn while the games step (auto: CUDA with more than one game)
-    compile: bool       # --compile (auto: CUDA)
-    eval_beside: bool   # --eval-beside (auto: EVAL_BESIDE_CORES cores or more)
-
-
-def switches(args: Args, device: torch.device) -> Switches:
-    cuda, cores = device.type == "cuda", os.cpu_count() or 1
-    pick = lambda flag, auto: flag == "on" or (flag == "auto" and auto)
-    return Switches(overlap=pick(args.overlap, cuda and args.envs > 1), compile=pick(args.compile, cuda),
-                    eval_beside=pick(args.eval_beside, cores >= EVAL_BESIDE_CORES))
-
-
 def compiled_functions(run: Run, args: Args, device: torch.device):
-    """td_loss and greedy_actions through torch.compile (on CUDA replayed as CUDA graphs), compiled now: warmed up on
-    the run's own networks (their backward pass too, no optimiser step) and on inputs with the loop's shapes and
-    strides, so that the loop's first calls neither compile nor record again. None where compiling fails: one line
-    says why (and how to clear a damaged compile cache)."""
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    loss_fn, greedy = torch.compile(td_loss, mode=mode), torch.compile(greedy_actions, mode=mode)
-    batch, stacks = run.replay.example_batch(args.batch_size), run.stack.frames
-    started = time.time()
-    try:
-        for _ in range(3):  # CUDA graphs are recorded at the third call; the thread count is guarded on too
+    """td_loss and greedy_actions compiled and warmed up on the run's own networks (their backward pass too, no
+    optimiser step) and on inputs with the loop's shapes and strides, each at its own thread count; or None."""
+    batch = run.replay.batch(torch.zeros(args.batch_size, dtype=torch.int64, device=device))
+
+    def warm_up(loss_fn, greedy):
+        try:
             with threads_for(args, device, learning=True):
                 td_gradients(run.policy_net, run.target_net, batch, args.gamma ** args.n_step, args.double, loss_fn)
             with threads_for(args, device, learning=False):
-                greedy(run.policy_net, stacks)
-    except Exception as e:  # no C++ compiler, a GPU or PyTorch build without Triton, a damaged cache, ...
-        print(f"note: torch.compile failed ({compile_failure(e)}); going on without compiling", flush=True)
-        return None
-    finally:
-        run.policy_net.zero_grad(set_to_none=True)
-    print(f"compiled the learning update and acting in {time.time() - started:.0f} s", flush=True)
-    return loss_fn, greedy
+                greedy(run.policy_net, run.stack.frames)
+        finally:
+            run.policy_net.zero_grad(set_to_none=True)
+    return compiled((td_loss, greedy_actions), device.type == "cuda", warm_up)
 
 
 def compiled_mismatch(run: Run, args: Args, batch: Batch, loss_fn, greedy) -> Optional[str]:
-    """The compiled update and acting against the eager ones, on `batch` and the games' stacks: the loss, mean Q,
-    each gradient and the weights after an optimiser step (on copies), and the greedy actions wherever the top two
-    Q-values are not near a tie. What differs beyond float rounding (TF32 on CUDA), or None. Changes nothing."""
-    policy, discount = run.policy_net, args.gamma ** args.n_step
-    passes = []
+    """The compiled update and acting against the eager ones, on `batch` and the games' stacks: the loss, mean Q and
+    each gradient (not the optimiser's step: AdamW is not compiled, and its first step is about lr * sign(gradient),
+    which turns rounding into a large difference), and the greedy actions wherever the top two Q-values are not near
+    a tie. What differs beyond float rounding (TF32 on CUDA), or None. Changes nothing."""
+    policy, passes = run.policy_net, []
     try:
         for fn in (loss_fn, td_loss):
-            learned = td_gradients(policy, run.target_net, batch, discount, args.double, fn)
-            passes.append((learned.loss.clone(), learned.mean_q.clone(),
-                           [p.grad.clone() for p in policy.parameters()]))
+            learned = td_gradients(policy, run.target_net, batch, args.gamma ** args.n_step, args.double, fn)
+            passes.append((learned.loss.clone(), learned.mean_q.clone(), [p.grad.clone() for p in policy.parameters()]))
     finally:  # the next update starts from no gradients, whether the check ended or raised
         policy.zero_grad(set_to_none=True)
     (loss_c, q_c, grads_c), (loss_e, q_e, grads_e) = passes
-    names = [name for name, _ in policy.named_parameters()]
-    found = [(f"the loss ({loss_c.item():.6g} against {loss_e.item():.6g})", relative_difference(loss_c, loss_e), 1e-3),
-             (f"the mean Q ({q_c.item():.6g} against {q_e.item():.6g})", relative_difference(q_c, q_e), 1e-3)]
-    found += [(f"the gradient of {n}", relative_difference(c, e), 2e-2) for n, c, e in zip(names, grads_c, grads_e)]
-    steps = []
-    for grads in (grads_c, grads_e):  # the optimiser's step from each pass's gradients, on copies
-        net, optimizer = copy.deepcopy((policy, run.optimizer))
-        for p, g in zip(net.parameters(), grads):
-            p.grad = g
-        optimizer.step()
-        steps.append([new.detach() - old.detach() for new, old in zip(net.parameters(), policy.parameters())])
-    found += [(f"the step of {n}", relative_difference(c, e), 1e-1) for n, c, e in zip(names, *steps)]
-    differ = [f"{what} (relative difference {d:.2g})" for what, d, tolerance in found if not d <= tolerance]
-    stacks = run.stack.frames
+    differ = differences([(f"the loss ({loss_c.item():.6g} against {loss_e.item():.6g})", loss_c, loss_e, 1e-3),
+                          (f"the mean Q ({q_c.item():.6g} against {q_e.item():.6g})", q_c, q_e, 1e-3)] +
+                         [(f"the gradient of {name}", c, e, 2e-2)
+                          for (name, _), c, e in zip(policy.named_parameters(), grads_c, grads_e)])
     with torch.no_grad():
-        q = policy(as_input(stacks))
-    top2 = q.topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * q.abs().max().clamp_min(1e-6)
+        q = policy(as_input(run.stack.frames))
     with threads_for(args, batch.states.device, learning=False):
-        wrong = int(((greedy(policy, stacks) != q.argmax(1)) & clear).sum())
+        wrong = greedy_disagreements(q, greedy(policy, run.stack.frames))
     if wrong:
         differ.append(f"the greedy actions of {wrong} of {len(q)} games")
     return "; ".join(differ[:3]) or None
-
-
-def torch_threads(args: Args, device: torch.device, learning: bool) -> int:
-    """All cores for learning; one for acting on CPU, where more only fight ale-py's threads for the cores."""
-    return (args.threads or os.cpu_count() or 1) if learning or device.type != "cpu" else 1
-
-
-@contextlib.contextmanager
-def threads_for(args: Args, device: torch.device, learning: bool):
-    """torch's threads as learning or acting has them, for a while."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(torch_threads(args, device, learning))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class Session:
@@ -1064,8 +791,7 @@ class Session:
         self.writes, self.config = writes, config  # the writes that may fail; config.json, written again if it did
         self.unsaved_best: Optional[dict] = None  # the weights of a best evaluation whose best.pth failed
         self.n_actions, self.fire = len(run.games.actions), fire_action(run.games.actions)
-        self.log = RunLog(run_dir, METRIC_COLUMNS, run.counters.steps if resumed else None, writes,
-                          run.evaluating.step)
+        self.log = RunLog(run_dir, METRIC_COLUMNS, run.counters.steps if resumed else None, writes)
         if not resumed:
             self.log.table("hyperparameters", dataclasses.asdict(args))
         self.switches = on = switches(args, device)
@@ -1083,11 +809,9 @@ class Session:
         self.progress = Progress(total, unit, self.done(run.counters), run.counters.steps, args.progress_every,
                                  progress_figures(run, args))
         self.staging = Staging(device)  # the frames' upload
-        # Beside training: the curve's process, the evaluations' process, the thread writing checkpoints.
-        curve = run_dir / "curve.png"
-        self.curves = Helper("curve", newest_only=True, on_end=lambda error: writes.ended(curve, error, "curve"))
-        self.evaluations = Helper("evaluations")
-        self.checkpoints = Checkpoints(run_dir / "resume", args.keep_checkpoints)
+        self.evaluations = Helper("evaluations")  # the process evaluations play in beside training
+        self.evaluating: Optional[Evaluation] = None  # the evaluation playing there now
+        self.curve_drawn = 0.0  # when curve.png was last drawn
         self.stop = StopRequest()  # last: train() gives the signals back from here on
         if TERMINATED_AT_START:
             self.stop.signal = "SIGTERM"
@@ -1241,42 +965,62 @@ def progress_figures(run: Run, args: Args) -> dict:
 
 
 def periodic_work(run: Run, session: Session) -> None:
-    """Snapshots, curve, evaluations and full checkpoints when due; the last three take their inputs now and play,
-    draw or write beside training."""
+    """Snapshots, curve, evaluations and full checkpoints when due. An evaluation plays beside training where it
+    can; a checkpoint that falls due meanwhile waits for its result, so that no evaluation crosses a checkpoint."""
     counters = run.counters
     for episode in run.snapshots.passed(counters.episodes):
         save_episode_snapshot(run, session, episode)
     if run.curve.passed(counters.episodes):
         run.history.lives.append([counters.steps, counters.episodes, counters.life_sum / max(1, counters.life_count)])
         counters.life_sum, counters.life_count = 0.0, 0
-        draw_curve_beside(run, session)
-    if run.evaluating.step is not None:
+        if time.time() - session.curve_drawn >= CURVE_SECONDS:
+            draw_curve_now(run, session)
+    if session.evaluating is not None:
         collect_evaluation(run, session)
     if run.evaluations.passed(counters.steps):
         start_evaluation(run, session)
-    if session.checkpoint_due.passed(session.seconds()):
-        save_full_checkpoint(run, session)
+    if session.evaluating is None and session.checkpoint_due.passed(session.seconds()):
+        save_checkpoint(run, session)
 
 
-def draw_curve_beside(run: Run, session: Session, here: bool = False) -> None:
-    """Hand curve.png's points to the curve's process (or, `here` or if it could not start, draw them now)."""
-    path, data = session.run_dir / "curve.png", run.history.curve_data()
-    if here or not session.curves.submit(draw_curve, path, data, session.args.env):
-        session.writes(path, draw_curve, path, data, session.args.env)
+CURVE_SECONDS = 60  # at most one redraw of curve.png a minute: each holds the loop 0.25 to 0.35 s (BENCHMARKS.md)
+
+
+def draw_curve_now(run: Run, session: Session) -> None:
+    path = session.run_dir / "curve.png"
+    session.writes(path, draw_curve, path, run.history.curve_data(), session.args.env)
+    session.curve_drawn = time.time()
+
+
+class Evaluation(NamedTuple):
+    """An evaluation under way: the agent step, episode and seconds of its weights, its number (which seeds its
+    games) and the weights."""
+    step: int
+    episode: int
+    seconds: float
+    number: int
+    weights: dict
 
 
 def start_evaluation(run: Run, session: Session) -> None:
-    """The policy's weights now, for --eval-games games; skipped while the last one still plays (waiting would stop
-    training)."""
-    counters = run.counters
-    if run.evaluating.step is not None:
+    """--eval-games games of the policy's weights now: in the evaluations' process, or (in the loop, or where it
+    cannot start) played now. Skipped while the last one still plays: waiting would stop training."""
+    args, counters = session.args, run.counters
+    if session.evaluating is not None:
         tqdm.write(f"note: the evaluation due at step {counters.steps} is skipped: the one of step "
-                   f"{run.evaluating.step} is still playing")
+                   f"{session.evaluating.step} is still playing")
         return
     counters.evals += 1
-    run.evaluating = PendingEvaluation(counters.steps, counters.episodes, session.elapsed(), counters.evals,
-                                       frozen(run.policy_net.state_dict()))
-    play_evaluation(run, session)
+    evaluation = Evaluation(counters.steps, counters.episodes, session.elapsed(), counters.evals,
+                            frozen(run.policy_net.state_dict()))
+    video = str(session.run_dir / "videos" / f"eval-{evaluation.step:012d}.mp4") if args.capture_video else None
+    settings = (evaluation.weights, args.env, args.eval_games, args.eval_eps, args.frames, session.device,
+                args.seed + 7919 * evaluation.number, video)
+    threads = max(2, (os.cpu_count() or 1) // EVAL_BESIDE_CORES)
+    if session.switches.eval_beside and session.evaluations.submit(evaluate_weights, *settings, threads):
+        session.evaluating = evaluation
+    else:
+        record_evaluation(run, session, evaluation, evaluate_weights(*settings))
 
 
 def evaluate_weights(weights: dict, env_id: str, games: int, eps: float, depth: int, device: torch.device,
@@ -1291,36 +1035,25 @@ def evaluate_weights(weights: dict, env_id: str, games: int, eps: float, depth: 
     return evaluate(policy, env_id, games, eps, depth, device, seed, video, threads)
 
 
-def play_evaluation(run: Run, session: Session) -> None:
-    """Hand `run.evaluating` to the evaluations' process; in the loop, or where it cannot start, play it now."""
-    args, number, step = session.args, run.evaluating.number, run.evaluating.step
-    video = str(session.run_dir / "videos" / f"eval-{step:012d}.mp4") if args.capture_video else None
-    settings = (run.evaluating.weights, args.env, args.eval_games, args.eval_eps, args.frames, session.device,
-                args.seed + 7919 * number, video)
-    threads = max(2, (os.cpu_count() or 1) // EVAL_BESIDE_CORES)
-    if not (session.switches.eval_beside and session.evaluations.submit(evaluate_weights, *settings, threads)):
-        record_evaluation(run, session, evaluate_weights(*settings))
-
-
 def collect_evaluation(run: Run, session: Session, wait: bool = False) -> None:
     """The result of the evaluation playing beside training, if it is done (with `wait`, once it is done)."""
     outcome = session.evaluations.poll(wait)
     if outcome is None and not wait:
         return
+    evaluation, session.evaluating = session.evaluating, None
     ok, result = outcome or (False, "its process ended")
     if ok:
-        record_evaluation(run, session, result)
+        record_evaluation(run, session, evaluation, result)
     else:
-        tqdm.write(f"warning: the evaluation of step {run.evaluating.step} failed ({result}); training goes on")
-        run.evaluating = PendingEvaluation()
+        tqdm.write(f"warning: the evaluation of step {evaluation.step} failed ({result}); training goes on")
 
 
-def record_evaluation(run: Run, session: Session, result: dict) -> None:
+def record_evaluation(run: Run, session: Session, evaluation: Evaluation, result: dict) -> None:
     """Log an evaluation at its weights' step, keep the best as best.pth, announce the first cleared wall."""
     args, counters, log = session.args, run.counters, session.log
-    step, seconds = run.evaluating.step, run.evaluating.seconds
+    step, seconds = evaluation.step, evaluation.seconds
     run.history.evals.append([step, seconds, result["mean"], result["max"], result["cleared"]])
-    log.row(kind="eval", step=step, seconds=seconds, episode=run.evaluating.episode, score=result["mean"],
+    log.row(kind="eval", step=step, seconds=seconds, episode=evaluation.episode, score=result["mean"],
             epsilon=args.eval_eps)
     log.scalar("eval/max", result["max"], step)
     log.scalar("eval/games_clearing_the_wall", result["cleared"], step)
@@ -1328,7 +1061,7 @@ def record_evaluation(run: Run, session: Session, result: dict) -> None:
                f"{result['cleared']}/{args.eval_games} cleared the wall")
     best = counters.best_eval is None or result["mean"] > counters.best_eval
     if best:
-        counters.best_eval, session.unsaved_best = result["mean"], run.evaluating.weights
+        counters.best_eval, session.unsaved_best = result["mean"], evaluation.weights
     if session.unsaved_best is not None and save_best(session):
         message += "; best so far, saved best.pth" if best else "; best.pth written at last"
     elif best:
@@ -1338,7 +1071,6 @@ def record_evaluation(run: Run, session: Session, result: dict) -> None:
         counters.first_clear = [step, seconds]
         tqdm.write(f"WALL CLEARED for the first time: agent step {step}, {seconds / 60:.1f} minutes into the run")
         log.scalar("eval/first_wall_clear_minutes", seconds / 60, step)
-    run.evaluating = PendingEvaluation()
 
 
 def save_episode_snapshot(run: Run, session: Session, episode: int) -> None:
@@ -1355,42 +1087,38 @@ def save_best(session: Session) -> bool:
     return session.unsaved_best is None
 
 
-def save_full_checkpoint(run: Run, session: Session, beside: bool = True) -> None:
-    """resume/<step>/ from the run's state at this step, written beside training (plumbing.Checkpoints)."""
-    counters = run.counters
+def save_checkpoint(run: Run, session: Session) -> None:
+    """resume/<step>/ from the run's state at this step (trainer_support.checkpoint)."""
+    counters, config = run.counters, session.run_dir / "config.json"
     counters.seconds = session.elapsed()
     summary = dict(step=counters.steps, episode=counters.episodes, games=counters.games, updates=counters.updates,
                    minutes=round(counters.seconds / 60, 2), env=session.args.env, run_id=session.config["run_id"],
                    args=dataclasses.asdict(session.args))
-    if session.writes.is_failing(session.run_dir / "config.json"):
-        session.writes(session.run_dir / "config.json", write_json, session.run_dir / "config.json", session.config)
-    session.checkpoints.save(run, f"{counters.steps:012d}", summary, beside)
+    if session.writes.is_failing(config):
+        session.writes(config, write_json, config, session.config)
+    save_full_checkpoint(session.run_dir / "resume", run, f"{counters.steps:012d}", summary,
+                         session.args.keep_checkpoints)
 
 
 def finish(run: Run, session: Session) -> None:
-    """The last evaluation's result, snapshot and curve when the budget is spent, a full checkpoint (holding an
-    evaluation still playing when the run was stopped, to be played again on resume), and how to go on."""
+    """The evaluation playing beside training waited for, the last snapshot and curve when the budget is spent, a
+    full checkpoint, and how to go on."""
     session.progress.close()
     counters, run_dir = run.counters, session.run_dir
-    spent = not session.budget_left(counters)
-    if run.evaluating.step is not None:  # the run's last result is waited for; a stopped run saves it to replay
-        collect_evaluation(run, session, wait=spent)
-    if run.evaluating.step is not None:
-        print(f"the evaluation of step {run.evaluating.step} was still playing: the checkpoint keeps it, and the "
-              "resumed run plays it again", flush=True)
-    session.evaluations.close(timeout=5 if spent else 0)
-    if spent:
+    if session.evaluating is not None:  # no evaluation crosses a checkpoint
+        print(f"waiting for the evaluation of step {session.evaluating.step} to end", flush=True)
+        collect_evaluation(run, session, wait=True)
+    session.evaluations.close(timeout=0)
+    if not session.budget_left(counters):
         save_episode_snapshot(run, session, counters.episodes)
-        # Training is over: a process is started for this last curve only if one is running already.
-        draw_curve_beside(run, session, here=session.curves.pool is None)
+        draw_curve_now(run, session)
     if session.unsaved_best is not None:
         save_best(session)
-    save_full_checkpoint(run, session, beside=False)
-    session.curves.close(timeout=120)
+    save_checkpoint(run, session)
     session.log.close()
     run.games.close()
-    session.checkpoints.say_if_not_saved(f"{counters.steps:012d}")
-    if session.stop.signal is not None:  # the last two lines: a requeue (README, Slurm) looks for them
+    say_if_not_saved(run_dir / "resume", f"{counters.steps:012d}")
+    if session.stop.signal is not None:  # the last two lines: a requeue (docs/clusters.md, Slurm) looks for them
         print(f"stopped by {session.stop.signal} at episode {counters.episodes}, agent step {counters.steps}; "
               f"continue with:\n  python train_breakout.py --resume --checkpoints {run_dir}")
     else:
@@ -1413,7 +1141,7 @@ def build_run(args: Args, device: torch.device) -> tuple[Run, int]:
 
 def resume_run(args: Args, given: set, device: torch.device, run_dir: Path, folders: list):
     """(flags, run, replay bytes, run id) from the newest usable checkpoint of `folders`, with the flags it was
-    written with; one that does not fit the run its flags describe counts as damaged (plumbing.resume_newest)."""
+    written with; one that does not fit the run its flags describe counts as damaged (trainer_support.run_folder.resume_newest)."""
     def fit(folder: Path, state: dict, arrays: dict, manifest: dict):
         run_args = resumed_args(args, given, manifest["summary"], run_dir)
         try:
@@ -1460,8 +1188,7 @@ def train(args: Args, given: set) -> dict:
     device = pick_device(args.device)
     run_dir = run_folder(args)
     created, started = check_run_folder(run_dir), False
-    lock = RunLock(run_dir)
-    lock.acquire()
+    lock = lock_run_folder(run_dir)
     try:
         torch.set_num_threads(torch_threads(args, device, learning=False))
         if device.type == "cuda":  # TF32 for float32 matrix products (convolutions use it by default)
@@ -1485,17 +1212,13 @@ def train(args: Args, given: set) -> dict:
         session = Session(args, run_dir, device, run, resumed, writes, config)
         return train_session(run, session, replay_bytes)
     finally:  # a start refused leaves nothing behind, so the corrected command works
-        lock.release(remove_folder=created and not started)
+        unlock_run_folder(run_dir, lock, remove_folder=created and not started)
 
 
 def train_session(run: Run, session: Session, replay_bytes: int) -> dict:
     """The training loop of a started (or resumed) run, then its end."""
     run_dir = session.run_dir
     try:
-        if run.evaluating.step is not None:  # it was playing beside training when the checkpoint was taken
-            tqdm.write(f"playing again the evaluation of step {run.evaluating.step}, which was playing when the "
-                       "checkpoint was taken")
-            play_evaluation(run, session)
         while session.budget_left(run.counters) and session.stop.signal is None:
             actions = act(run, session)
             run.games.send(actions)
@@ -1510,9 +1233,7 @@ def train_session(run: Run, session: Session, replay_bytes: int) -> dict:
         summary = dict(dataclasses.asdict(run.counters), session_seconds=session.seconds(),
                        replay_bytes=replay_bytes, run_dir=str(run_dir))
         finish(run, session)
-    finally:  # also after a second Ctrl-C: the checkpoint being written is finished, the helpers ended
-        session.checkpoints.wait()
-        session.curves.close(timeout=5)
+    finally:  # also after a second Ctrl-C: the evaluations' process ended
         session.evaluations.close(timeout=0)
         session.stop.restore()
     return summary

@@ -21,8 +21,9 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import plumbing  # noqa: E402
+from trainer_support.checkpoint import load_checkpoint, save_checkpoint, state_files  # noqa: E402
 import train_breakout as tb  # noqa: E402
+from trainer_support import atari  # noqa: E402
 
 
 def drop_cache(path: Path) -> None:
@@ -75,7 +76,7 @@ def main() -> None:
     p.add_argument("--random-frames", action="store_true", help="random bytes instead of frames of play")
     a = p.parse_args()
     args, _ = tb.parse_args(["--memory", str(a.memory), "--envs", str(a.envs), "--seed", "0", "--device", "cpu"])
-    run = tb.new_run(args, torch.device("cpu"), tb.make_games(args.env, args.envs, args.seed))
+    run = tb.new_run(args, torch.device("cpu"), atari.make_games(args.env, args.envs, args.seed))
     replay = run.replay
     # Fill the whole ring and the whole FIFO, as a memory of a long run is.
     if a.random_frames:
@@ -90,12 +91,12 @@ def main() -> None:
     try:
         start = time.perf_counter()
         with PeakRSS() as saving:
-            folder = plumbing.save_checkpoint(root / "resume", "000000000001", *plumbing.state_files(run), {})
+            folder = save_checkpoint(root / "resume", "000000000001", *state_files(run), {})
         save_s = time.perf_counter() - start
         size = sum(f.stat().st_size for f in folder.iterdir())
         drop_cache(folder)
         start = time.perf_counter()
-        state, arrays, _ = plumbing.load_checkpoint(folder)
+        state, arrays, _ = load_checkpoint(folder)
         fresh = tb.ReplayMemory(a.memory, a.envs, 6, 6, torch.device("cpu"))
         fresh.load_state_dict({**state["replay"], **{k[len("replay."):]: v for k, v in arrays.items()
                                                      if k.startswith("replay.")}})

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import plumbing  # noqa: E402
+from trainer_support.device import Staging, threads_for  # noqa: E402
 import throughput  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
@@ -84,7 +84,7 @@ def problems(out: str) -> list:
 def check_staging(device: torch.device) -> str:
     """Uploads through the two pinned buffers while a long GPU job is queued: each returns before the job ends,
     and every upload arrives whole, though the buffers are rewritten while earlier copies may still be queued."""
-    staging = plumbing.Staging(device)
+    staging = Staging(device)
     queued = torch.randn((4096, 4096) if device.type == "cuda" else (256, 256), device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -134,10 +134,10 @@ def check_compile(device: torch.device, envs: int, found: dict) -> str:
     loss_fn, greedy = functions
     for _ in range(3):
         batch = run.replay.sample(args.batch_size, run.sampler)
-        with tb.threads_for(args, device, learning=True):
+        with threads_for(args, device, learning=True):
             tb.td_update(run.policy_net, run.target_net, run.optimizer, batch, args.gamma, args.n_step, args.double,
                          loss_fn)
-        with tb.threads_for(args, device, learning=False):
+        with threads_for(args, device, learning=False):
             greedy(run.policy_net, run.stack.frames)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -156,11 +156,11 @@ def check_compiled_against_eager(found: dict) -> str:
     batch = run.replay.sample(args.batch_size, torch.Generator(run.replay.device).manual_seed(9))
     mismatch = tb.compiled_mismatch(run, args, batch, loss_fn, greedy)
     assert mismatch is None, mismatch
-    return "loss, mean Q, gradients, optimiser step and greedy actions within tolerance"
+    return "loss, mean Q, gradients and greedy actions within tolerance"
 
 
 def check_loop(tmp: Path, device: str, dry: bool, found: dict) -> str:
-    """The default GPU loop (overlapped, compiled), a checkpoint written on its thread, an evaluation in the spawned
+    """The default GPU loop (overlapped, compiled), checkpoints written in the loop, an evaluation in the spawned
     process; stopped by its budget, then resumed."""
     run = tmp / "loop"
     steps = 1200 if dry else 30000
@@ -180,8 +180,8 @@ def check_loop(tmp: Path, device: str, dry: bool, found: dict) -> str:
     second = trainer(flags + ["--resume", "--steps", str(steps + steps // 3)])
     assert f"agent step {steps}" in second.stdout and not problems(second.stdout), problems(second.stdout)[:2]
     found["snapshot"] = max(run.glob("[0-9]*.pth"), key=lambda p: int(p.stem))
-    return (f"{len(losses)} logged losses, {len(evals)} evaluations beside training, checkpoints written while "
-            f"training; resumed from step {steps} to {steps + steps // 3}")
+    return (f"{len(losses)} logged losses, {len(evals)} evaluations beside training, checkpoints written in "
+            f"the loop; resumed from step {steps} to {steps + steps // 3}")
 
 
 def check_cpu_checkpoint_on_device(tmp: Path, device: str) -> str:

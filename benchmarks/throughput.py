@@ -29,8 +29,9 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import plumbing  # noqa: E402
+from trainer_support.device import pick_device  # noqa: E402
 import train_breakout as tb  # noqa: E402
+from trainer_support import atari  # noqa: E402
 
 
 def run_trainer(flags: list[str]) -> dict:
@@ -48,12 +49,12 @@ PINNING = {"every core": (True, 0), "all but one core": (True, 1), "not pinned":
 @contextlib.contextmanager
 def games_pinned(how: str):
     """The trainer's games pinned to every core (its default), to all but one (left to the loop), or not pinned."""
-    before = tb.PIN_GAMES, tb.SPARE_CORES
-    tb.PIN_GAMES, tb.SPARE_CORES = PINNING[how]
+    before = atari.PIN_GAMES, atari.SPARE_CORES
+    atari.PIN_GAMES, atari.SPARE_CORES = PINNING[how]
     try:
         yield
     finally:
-        tb.PIN_GAMES, tb.SPARE_CORES = before
+        atari.PIN_GAMES, atari.SPARE_CORES = before
 
 
 @contextlib.contextmanager
@@ -150,7 +151,7 @@ def tutorial_unmeasurable(steps: int, memory: int, learn_start: int) -> str | No
 
 def emulator_steps_per_s(env_id: str, games: int, seconds: float = 5.0) -> float:
     """The ceiling: ale-py's vector environment alone, as the trainer configures it, random actions."""
-    env = tb.VectorGames(env_id, games, seed=1)
+    env = atari.VectorGames(env_id, games, seed=1)
     env.reset()
     actions = [np.random.default_rng(i).integers(len(env.actions), size=games) for i in range(64)]
     steps, start = 0, time.perf_counter()
@@ -183,7 +184,7 @@ def main() -> None:
     p.add_argument("--pin", choices=sorted(PINNING), default="every core", help="the games' threads pinned to "
                    "every core (the trainer's default), to all but one, or not pinned")
     a = p.parse_args()
-    device = plumbing.pick_device(a.device)
+    device = pick_device(a.device)
     cuda = device.type == "cuda"
     steps = a.steps or (200_000 if cuda else 20_000)
     tutorial_on, tutorial_updates = float("nan"), "-"

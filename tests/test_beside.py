@@ -1,5 +1,5 @@
-"""Periodic work beside training: evaluations on their own thread, curve.png drawn by another process,
-full checkpoints written while training goes on."""
+"""Periodic work: evaluations beside training in a process of their own, never across a checkpoint; the curve of a
+long run; the replay memory's frames written a chunk at a time; a second stop while the last checkpoint is written."""
 from __future__ import annotations
 
 import csv
@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import plumbing  # noqa: E402
+import trainer_support.checkpoint  # noqa: E402
+from trainer_support.background import Helper  # noqa: E402
+from trainer_support.checkpoint import CompressedArray, load_checkpoint, save_array  # noqa: E402
+from trainer_support.curve import CURVE_POINTS, History, draw_curve  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 
@@ -25,14 +27,9 @@ def rows(run: Path, kind: str) -> list:
         return [(r["step"], r["episode"], r["score"], r["loss"]) for r in csv.DictReader(f) if r["kind"] == kind]
 
 
-def test_evaluations_beside_training_score_as_inline_ones_and_the_curve_is_drawn_elsewhere(tmp_path, in_process,
-                                                                                          capsys, monkeypatch):
+def test_evaluations_beside_training_score_as_inline_ones_and_training_does_not_notice(tmp_path, in_process, capsys):
     runs = {}
     for beside in ("off", "on"):
-        if beside == "on":  # drawn in this process, the curve would raise here
-            import matplotlib.figure
-            monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
-                                lambda *a, **kw: (_ for _ in ()).throw(AssertionError("drawn in the training process")))
         runs[beside] = run = tmp_path / beside
         tb.train(*tb.parse_args(["--checkpoints", str(run), "--eval-beside", beside, "--envs", "2", "--steps", "1500",
                                  "--memory", "400", "--batch-size", "16", "--learn-start", "100", "--eval-every",
@@ -50,54 +47,51 @@ def test_evaluations_beside_training_score_as_inline_ones_and_the_curve_is_drawn
     assert (on / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sigterm_while_a_checkpoint_is_written_beside_training_keeps_it_whole_and_exact(tmp_path, in_process,
-                                                                                         monkeypatch, capsys):
-    """The first checkpoint written beside training gets SIGTERM in the middle of its writing: the run waits for
-    it, saves once more and stops; resuming from that first checkpoint ends exactly where the stopped run did."""
-    save = plumbing.save_checkpoint
-    stopped_during = []
+def eval_events(run: Path) -> list:
+    """The steps of the evaluations TensorBoard shows, as it reads a resumed run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars("eval/score")]
 
-    def slow_save(*a, **kw):
-        if threading.current_thread() is not threading.main_thread() and not stopped_during:
-            stopped_during.append(a[1])
-            threading.Event().wait(0.5)  # training goes on meanwhile
-            os.kill(os.getpid(), signal.SIGTERM)
-            threading.Event().wait(1.0)  # the loop sees the stop while this save is still being written
-        return save(*a, **kw)
 
-    monkeypatch.setattr(plumbing, "save_checkpoint", slow_save)
-    run = tmp_path / "run"
-    flags = ["--checkpoints", str(run), "--envs", "1", "--memory", "300", "--batch-size", "16", "--learn-start", "100",
-             "--eval-every", "0", "--seed", "9", "--device", "cpu", "--threads", "1"]
-    tb.train(*tb.parse_args(flags + ["--steps", "100000", "--checkpoint-minutes", "0.01"]))
+def test_each_evaluation_appears_once_in_metrics_and_tensorboard_when_a_run_stops_while_one_plays(
+        tmp_path, in_process, monkeypatch, capsys):
+    """No evaluation crosses a checkpoint: a checkpoint that falls due while one plays beside training waits for its
+    result, and a run stopped while one plays waits for it before its last checkpoint. Resumed, the run logs each
+    evaluation once, in metrics.csv and in TensorBoard, as a run that was never stopped does."""
+    flags = ["--envs", "1", "--memory", "300", "--batch-size", "16", "--learn-start", "100", "--eval-every", "500",
+             "--eval-games", "2", "--seed", "6", "--device", "cpu", "--threads", "1", "--steps", "1100"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    tb.train(*tb.parse_args(flags + ["--checkpoints", str(straight), "--eval-beside", "off"]))
+
+    start, saved_while_playing = tb.start_evaluation, []
+
+    def stop_right_after(run, session):  # SIGTERM as soon as the evaluation is handed over
+        start(run, session)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    save = tb.save_checkpoint
+    monkeypatch.setattr(tb, "save_checkpoint", lambda run, session: (
+        saved_while_playing.append(session.evaluating is not None), save(run, session)))
+    monkeypatch.setattr(tb, "start_evaluation", stop_right_after)
+    tb.train(*tb.parse_args(flags + ["--checkpoints", str(stopped), "--eval-beside", "on",
+                                     "--checkpoint-minutes", "0.002"]))
     out = capsys.readouterr().out
-    assert "stopped by SIGTERM" in out and len(stopped_during) == 1
-    first, last = (run / "resume" / name for name in (stopped_during[0], sorted(os.listdir(run / "resume"))[-1]))
-    assert int(first.name) < int(last.name)
-    for folder in (first, last):
-        plumbing.load_checkpoint(folder)  # whole: every file matches its manifest
-
-    # Resumed from the checkpoint that was being written when the signal came, the run ends bit for bit where
-    # the stopped run ended: the state copied at the step is the state written.
-    ta, xa, _ = plumbing.load_checkpoint(last)
-    xa = {name: np.asarray(x) for name, x in xa.items()}
-    monkeypatch.setattr(plumbing, "save_checkpoint", save)
-    tb.train(*tb.parse_args(["--resume", str(first), "--steps", last.name]))
-    tb_, xb, _ = plumbing.load_checkpoint(last)
-    for net in ("policy_net", "target_net"):
-        assert all(torch.equal(ta[net][k], tb_[net][k]) for k in ta[net]), net
-    assert sorted(xa) == sorted(xb)
-    for name in xa:
-        x, y = xa[name], np.asarray(xb[name])
-        if name == "history.games":
-            x, y = x[:, [0, 2]], y[:, [0, 2]]  # column 1 is wall-clock seconds
-        assert np.array_equal(x, y), name
-    ta["counters"].pop("seconds"), tb_["counters"].pop("seconds")
-    assert ta["counters"] == tb_["counters"] and ta["transitions"] == tb_["transitions"]
+    assert "waiting for the evaluation of step 500 to end" in out and "stopped by SIGTERM at episode" in out, out
+    assert rows(stopped, "eval") == rows(straight, "eval")[:1]
+    monkeypatch.setattr(tb, "start_evaluation", start)
+    tb.train(*tb.parse_args(["--resume", "--checkpoints", str(stopped)]))
+    assert len(saved_while_playing) >= 2 and not any(saved_while_playing)
+    assert [r[0] for r in rows(straight, "eval")] == ["500", "1000"]
+    assert rows(stopped, "eval") == rows(straight, "eval")
+    assert rows(stopped, "game") == rows(straight, "game")
+    assert eval_events(stopped) == eval_events(straight) == [500, 1000]
+    assert (stopped / "best.pth").read_bytes() == (straight / "best.pth").read_bytes()
 
 
 def test_the_curve_of_a_long_run_is_thinned_to_a_fixed_number_of_points(tmp_path):
-    history, rng = tb.History(), np.random.default_rng(0)
+    history, rng = History(tb.WALL_CLEARED), np.random.default_rng(0)
     n = 50_000
     scores = rng.integers(0, 40, n).astype(float)
     scores[31_234] = tb.WALL_CLEARED + 3
@@ -105,15 +99,15 @@ def test_the_curve_of_a_long_run_is_thinned_to_a_fixed_number_of_points(tmp_path
         history.games.append([10 * i, i, score])
         history.learning.append([10 * i, 1.0 + i % 2, 2.0])
     data = history.curve_data()
-    assert len(data["step"]) == plumbing.CURVE_POINTS and data["step"][-1] == 10 * (n - 1) and not data["each_game"]
+    assert len(data["step"]) == CURVE_POINTS and data["step"][-1] == 10 * (n - 1) and not data["each_game"]
     assert data["mean"][-1] == pytest.approx(scores[-100:].mean())
     assert data["best"][-1] == scores.max() and data["first_clear"] == 10 * 31_234
     assert data["low"].min() == scores.min() and data["high"].max() == scores.max()
-    assert len(data["learning"]) == plumbing.CURVE_POINTS and np.allclose(data["learning"][1:, 1], 1.5, atol=0.05)
-    plumbing.draw_curve(tmp_path / "curve.png", data, "ALE/Breakout-v5")
+    assert len(data["learning"]) == CURVE_POINTS and np.allclose(data["learning"][1:, 1], 1.5, atol=0.05)
+    draw_curve(tmp_path / "curve.png", data, "ALE/Breakout-v5")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    few = tb.History()
+    few = History(tb.WALL_CLEARED)
     for i, score in enumerate(scores[:300]):
         few.games.append([i, i, score])
     data = few.curve_data()
@@ -122,83 +116,51 @@ def test_the_curve_of_a_long_run_is_thinned_to_a_fixed_number_of_points(tmp_path
     assert np.allclose(data["mean"], means) and data["first_clear"] is None
 
 
-def test_a_checkpoint_written_beside_training_holds_the_frames_as_they_were_at_its_step(tmp_path):
-    """Training overwrites the replay ring while the checkpoint's writer reads it: slots overwritten before the
-    writer reads them still come out as they were when the checkpoint was taken."""
+def test_the_replay_frames_go_to_their_file_a_chunk_at_a_time_and_come_back_whole(tmp_path):
     replay = tb.ReplayMemory(40, 2, 4, 1, torch.device("cpu"))
     frame = lambda i: torch.full((2, tb.SIZE, tb.SIZE), i % 256, dtype=torch.uint8)
-    for i in range(replay.slots + 7):  # the ring has wrapped: slot 7 is the next to be overwritten
+    for i in range(replay.slots + 7):  # the ring has wrapped
         replay.add_frames(frame(i), torch.zeros(2, dtype=torch.bool))
-    at_step = replay.frames.clone()
-    snapshot = replay.state_dict()["frames"]
-    chunks = snapshot.chunks(5)
-    read = [next(chunks)]  # slots 0-4 read
-    for i in range(replay.slots + 7, replay.slots + 7 + 12):  # slots 7-18 overwritten, 7-9 in the next chunk
-        replay.add_frames(frame(i), torch.zeros(2, dtype=torch.bool))
-    read += list(chunks)
-    assert np.array_equal(np.concatenate(read), at_step.numpy())
-    assert not np.array_equal(replay.frames.numpy(), at_step.numpy())
-    replay.add_frames(frame(0), torch.zeros(2, dtype=torch.bool))
-    assert replay.snapshot is None  # read whole: training keeps nothing aside any more
-
-    saved = replay.state_dict()["frames"]  # and through the checkpoint file
-    at_step = replay.frames.clone()
-    plumbing.save_array(tmp_path / "frames.npy.zst", saved)
-    assert np.array_equal(np.asarray(plumbing.CompressedArray(tmp_path / "frames.npy.zst")), at_step.numpy())
+    saved = replay.state_dict()["frames"]
+    save_array(tmp_path / "frames.npy.zst", saved, chunk_bytes=5 * saved[:1].numel() + 3)
+    assert np.array_equal(np.asarray(CompressedArray(tmp_path / "frames.npy.zst")), replay.frames.numpy())
 
 
-def test_an_evaluation_playing_when_the_run_stops_is_kept_by_the_checkpoint_and_played_on_resume(tmp_path, in_process,
-                                                                                                  monkeypatch, capsys):
-    flags = ["--envs", "1", "--memory", "300", "--batch-size", "16", "--learn-start", "100", "--eval-every", "500",
-             "--eval-games", "2", "--seed", "6", "--device", "cpu", "--threads", "1", "--steps", "700"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    tb.train(*tb.parse_args(flags + ["--checkpoints", str(straight), "--eval-beside", "off"]))
+def test_a_second_stop_during_the_last_checkpoint_keeps_the_one_before_it_whole(tmp_path, in_process, monkeypatch):
+    """A second Ctrl-C or SIGTERM stops at once, even while the last checkpoint is being written: that one is not
+    left half-written, and the one before it stays whole for --resume."""
+    save, save_array, calls, arrays = tb.save_checkpoint, trainer_support.checkpoint.save_array, [], []
 
-    handed_over = tb.play_evaluation
+    def stopping_save(run, session):
+        calls.append(run.counters.steps)
+        if len(calls) == 2:  # the first stop; this checkpoint is written, and then the last one
+            os.kill(os.getpid(), signal.SIGTERM)
+        save(run, session)
 
-    def stop_right_after(run, session):  # SIGTERM as soon as the evaluation has been handed over
-        handed_over(run, session)
-        os.kill(os.getpid(), signal.SIGTERM)
+    def second_stop_in_the_middle(path, array, *a, **kw):
+        arrays.append(path)
+        if len(calls) == 3 and len(arrays) > 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        save_array(path, array, *a, **kw)
 
-    monkeypatch.setattr(tb, "play_evaluation", stop_right_after)
-    tb.train(*tb.parse_args(flags + ["--checkpoints", str(stopped), "--eval-beside", "on"]))
-    out = capsys.readouterr().out
-    assert "the evaluation of step 500 was still playing" in out and "stopped by SIGTERM" in out
-    assert rows(stopped, "eval") == []
-    monkeypatch.setattr(tb, "play_evaluation", handed_over)
-    tb.train(*tb.parse_args(["--resume", "--checkpoints", str(stopped)]))
-    assert "playing again the evaluation of step 500" in capsys.readouterr().out
-    assert rows(stopped, "eval") == rows(straight, "eval") and len(rows(straight, "eval")) == 1
-    assert rows(stopped, "game") == rows(straight, "game")
-    assert (stopped / "best.pth").read_bytes() == (straight / "best.pth").read_bytes()
-
-
-def test_a_second_stop_still_lets_the_checkpoint_being_written_finish(tmp_path, in_process, monkeypatch):
-    save, written = plumbing.save_checkpoint, []
-
-    def slow_save(*a, **kw):
-        if threading.current_thread() is not threading.main_thread() and not written:
-            for _ in range(2):  # a stop, then a second one while this save is still being written
-                os.kill(os.getpid(), signal.SIGTERM)
-                threading.Event().wait(0.5)
-            written.append(save(*a, **kw))
-            return written[-1]
-        return save(*a, **kw)
-
-    monkeypatch.setattr(plumbing, "save_checkpoint", slow_save)
+    monkeypatch.setattr(tb, "save_checkpoint", stopping_save)
+    monkeypatch.setattr(trainer_support.checkpoint, "save_array", second_stop_in_the_middle)
+    run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        tb.train(*tb.parse_args(["--checkpoints", str(tmp_path / "run"), "--envs", "1", "--memory", "300",
+        tb.train(*tb.parse_args(["--checkpoints", str(run), "--envs", "1", "--memory", "300",
                                  "--learn-start", "100", "--batch-size", "16", "--eval-every", "0", "--seed", "2",
                                  "--device", "cpu", "--threads", "1", "--steps", "100000",
-                                 "--checkpoint-minutes", "0.01"]))
-    assert written and plumbing.load_checkpoint(written[0])  # written whole before train() gave up
+                                 "--checkpoint-minutes", "0.002"]))
+    assert len(calls) == 3
+    assert sorted(f.name for f in (run / "resume").iterdir()) == [f"{s:012d}" for s in calls[:2]]  # no .tmp-*
+    assert load_checkpoint(run / "resume" / f"{calls[1]:012d}")[2]["summary"]["step"] == calls[1]
 
 
 def test_a_helper_process_computes_at_the_trainers_precision_on_arguments_of_its_own():
     """TF32 is switched on in the trainer on CUDA: an evaluation beside training must run at the same precision, or
     its Q-values and scores are not those of one in the loop. And the tensors handed over stay the caller's: the
     queue's thread moves what it sends into shared memory, changing the storage under a checkpoint reading it."""
-    helper = plumbing.Helper("evaluations")
+    helper = Helper("evaluations")
     weights = {"conv1.weight": torch.randn(32, 6, 8, 8), "act_fc2.bias": torch.randn(4)}
     pointers = {k: v.data_ptr() for k, v in weights.items()}
     before = torch.get_float32_matmul_precision()
@@ -218,7 +180,7 @@ def test_a_helper_process_computes_at_the_trainers_precision_on_arguments_of_its
 def test_a_helper_leaves_ctrl_c_and_sigterm_to_the_trainer_even_while_it_starts():
     # Slurm's SIGTERM, and Ctrl-C, reach every process of the job; a helper still importing (it takes seconds)
     # died of them, and the run said so in a warning. Each signal here lands in its first instants.
-    helper = plumbing.Helper("test")
+    helper = Helper("test")
     held = []
     previous = signal.signal(signal.SIGTERM, lambda *_: held.append("trainer"))
     try:

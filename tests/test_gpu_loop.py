@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import plumbing  # noqa: E402
+from trainer_support.checkpoint import load_checkpoint  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 
@@ -23,8 +23,8 @@ def test_the_compiled_update_gives_the_eager_updates_loss_gradients_and_weights(
     nets = [tb.DuelingNetwork(6, 4).to(memory_format=torch.channels_last) for _ in range(2)]
     g = torch.Generator().manual_seed(1)
     stacks = lambda: torch.randint(0, 256, (8, 6, 84, 84), dtype=torch.uint8, generator=g)
-    batch = (stacks(), torch.randint(0, 4, (8,), generator=g), torch.randn(8, generator=g), stacks(),
-             torch.tensor([True] * 6 + [False] * 2))
+    batch = tb.Batch(stacks(), torch.randint(0, 4, (8,), generator=g), torch.randn(8, generator=g), stacks(),
+                     torch.tensor([True] * 6 + [False] * 2))
     results = []
     for loss_fn in (tb.td_loss, torch.compile(tb.td_loss)):
         policy, target = copy.deepcopy(nets)
@@ -57,7 +57,7 @@ def test_with_learning_off_the_overlapped_loop_plays_and_stores_what_the_strict_
                                  "--memory", "200", "--batch-size", "32", "--learn-start", "1000000", "--seed", "5", "--device", "cpu",
                                  "--threads", "1", "--eval-every", "0", "--save-every", "20"]))
     (a, (values_a, arrays_a, _)), (b, (values_b, arrays_b, _)) = (
-        (folder, plumbing.load_checkpoint(folder)) for folder in (sorted((r / "resume").iterdir())[-1]
+        (folder, load_checkpoint(folder)) for folder in (sorted((r / "resume").iterdir())[-1]
                                                                   for r in runs.values()))
     assert a.name == b.name == f"{1200:012d}"
     assert sorted(arrays_a) == sorted(arrays_b)

@@ -12,7 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import plumbing  # noqa: E402
+from trainer_support.background import StopRequest  # noqa: E402
+from trainer_support.device import check_memory_fits  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 RECIPE = ["--envs", "1", "--seed", "3", "--memory", "300", "--batch-size", "32", "--learn-start", "100",
@@ -58,8 +59,8 @@ def test_a_run_trains_saves_and_resumes(tmp_path, monkeypatch, in_process, capsy
 
     # The memory check still refuses what cannot fit.
     with pytest.raises(tb.UserError, match="lower --memory"):
-        plumbing.check_memory_fits(2**60, torch.device("cpu"))
-    plumbing.check_memory_fits(2**20, torch.device("cpu"))
+        check_memory_fits(2**60, torch.device("cpu"))
+    check_memory_fits(2**20, torch.device("cpu"))
 
 
 def test_on_windows_a_resumed_run_keeps_none_of_its_checkpoint_files_mapped(tmp_path, monkeypatch, in_process):
@@ -86,7 +87,7 @@ def test_ctrl_break_on_windows_asks_for_a_stop_as_ctrl_c_does(monkeypatch):
     # SIGUSR1 stands in for Windows's SIGBREAK, which Linux does not have.
     monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)
-    stop = plumbing.StopRequest()
+    stop = StopRequest()
     try:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.signal == "SIGUSR1"

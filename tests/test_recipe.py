@@ -15,7 +15,7 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import plumbing  # noqa: E402
+from trainer_support.checkpoint import load_checkpoint  # noqa: E402
 import play  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
@@ -65,7 +65,7 @@ def run_scripted(tmp_path, monkeypatch, rewards, lives, *flags):
                                  "--eval-every", "0", "--steps", str(len(rewards)), "--device", "cpu", *flags])
     tb.train(args, given)
     ckpt = sorted((tmp_path / "run" / "resume").iterdir())[-1]
-    arrays = plumbing.load_checkpoint(ckpt)[1]
+    arrays = load_checkpoint(ckpt)[1]
     stored = {k: np.asarray(arrays[f"replay.{k}"]) for k in ("slot", "action", "reward", "has_next")}
     return game, stored
 
@@ -143,7 +143,8 @@ class TableNet(nn.Module):
 
 def batch_of(states, actions, rewards, next_states, has_next):
     stack = lambda ids: torch.tensor(ids, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 6, 84, 84).clone()
-    return (stack(states), torch.tensor(actions), torch.tensor(rewards), stack(next_states), torch.tensor(has_next))
+    return tb.Batch(states=stack(states), actions=torch.tensor(actions), rewards=torch.tensor(rewards),
+                    next_states=stack(next_states), has_next=torch.tensor(has_next))
 
 
 def test_linear_epsilon_schedule():

@@ -17,8 +17,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import play  # noqa: E402
-import plumbing  # noqa: E402
+import trainer_support.checkpoint  # noqa: E402
+from trainer_support.checkpoint import checkpoint_folders, load_checkpoint, save_array  # noqa: E402
 import train_breakout as tb  # noqa: E402
+from trainer_support import atari  # noqa: E402
 
 # Learning from the 100th stored transition, a small memory that wraps, an evaluation and a snapshot on the
 # way: every part of the state takes part.
@@ -62,7 +64,7 @@ def score_rows(run: Path) -> list:
 
 
 def counters(checkpoint: Path) -> dict:
-    return plumbing.load_checkpoint(checkpoint)[0]["counters"]
+    return load_checkpoint(checkpoint)[0]["counters"]
 
 
 def assert_same_state(a, b, where: str = "state") -> None:
@@ -81,7 +83,7 @@ def assert_same_run(straight: Path, stopped: Path) -> None:
     """The two runs' last checkpoints, logs and snapshots agree bit for bit (wall-clock times aside)."""
     a, b = final_checkpoint(straight), final_checkpoint(stopped)
     assert a.name == b.name
-    (sa, xa, _), (sb, xb, _) = plumbing.load_checkpoint(a), plumbing.load_checkpoint(b)
+    (sa, xa, _), (sb, xb, _) = load_checkpoint(a), load_checkpoint(b)
     sa["counters"].pop("seconds"), sb["counters"].pop("seconds")
     assert_same_state(sa, sb)
     assert sorted(xa) == sorted(xb)
@@ -99,7 +101,7 @@ def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     train(straight, "--steps", "3000")
     assert final_checkpoint(straight).name == f"{3000:012d}"
     # Every field of the run's state is in its checkpoint, saved without being named anywhere else.
-    state, arrays, manifest = plumbing.load_checkpoint(final_checkpoint(straight))
+    state, arrays, manifest = load_checkpoint(final_checkpoint(straight))
     assert set(state) | {key.split(".")[0] for key in arrays} == {f.name for f in dataclasses.fields(tb.Run)}
     assert manifest["format"] == 1 and manifest["summary"]["step"] == 3000
     assert play.load_network(str(straight / "best.pth"), torch.device("cpu")) is not None
@@ -171,7 +173,7 @@ def test_keep_checkpoints_keeps_the_newest(tmp_path, monkeypatch):
     args, given = tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "30", "--checkpoint-minutes",
                                  "0.000001", "--keep-checkpoints", "3"])
     tb.train(args, given)
-    kept = [int(p.name) for p in plumbing.checkpoint_folders(run / "resume")]
+    kept = [int(p.name) for p in checkpoint_folders(run / "resume")]
     assert len(kept) == 3 and kept[-1] == 30 and kept == sorted(kept)
 
 
@@ -214,7 +216,7 @@ def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     time.sleep(0.3)
     proc.kill()
     proc.communicate()
-    folder, (state, arrays, _) = plumbing.latest_checkpoint(run)
+    state, arrays, _ = load_checkpoint(checkpoint_folders(run / "resume")[-1])
     assert "policy_net" in state and "replay.frames" in arrays
     p = train(run, "--resume", "--steps", str(state["counters"]["steps"] + 60))
     assert f"agent step {state['counters']['steps']}" in p.stdout
@@ -225,15 +227,15 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tmp_pa
     run = tmp_path / "run"
     args, given = tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "200"])
     tb.train(args, given)
-    real_save = plumbing.save_array
+    real_save = save_array
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(plumbing, "save_array", disk_full)
+    monkeypatch.setattr(trainer_support.checkpoint, "save_array", disk_full)
     args, given = tb.parse_args(["--checkpoints", str(run), *RECIPE, "--steps", "400", "--resume"])
     summary = tb.train(args, given)
-    monkeypatch.setattr(plumbing, "save_array", real_save)
+    monkeypatch.setattr(trainer_support.checkpoint, "save_array", real_save)
     assert summary["steps"] == 400
     out = capsys.readouterr().out
     assert "could not write a checkpoint (no space left on device); the previous one is kept" in out
@@ -241,10 +243,10 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_training_goes_on(tmp_pa
     assert not list((run / "resume").glob(".tmp-*"))
 
     # With no checkpoint before it, the warning says the run cannot be resumed yet.
-    monkeypatch.setattr(plumbing, "save_array", disk_full)
+    monkeypatch.setattr(trainer_support.checkpoint, "save_array", disk_full)
     args, given = tb.parse_args(["--checkpoints", str(tmp_path / "new"), *RECIPE, "--steps", "50"])
     tb.train(args, given)
-    monkeypatch.setattr(plumbing, "save_array", real_save)
+    monkeypatch.setattr(trainer_support.checkpoint, "save_array", real_save)
     out = capsys.readouterr().out
     assert "there is no earlier one, so this run cannot be resumed yet" in out and "previous one is kept" not in out
 
@@ -261,7 +263,7 @@ def test_a_restored_game_plays_on_exactly_as_the_saved_one():
     """Every part of a game's state is in its checkpoint, the sticky action being held included (ALE's own
     saved state leaves that out)."""
     rng = np.random.default_rng(0)
-    game, copy = tb.OneGame("ALE/Breakout-v5", 5), tb.OneGame("ALE/Breakout-v5", 6)
+    game, copy = atari.OneGame("ALE/Breakout-v5", 5), atari.OneGame("ALE/Breakout-v5", 6)
     game.reset(), copy.reset()
     for point in range(40):
         for action in rng.integers(0, len(game.actions), (10, 1)):
@@ -295,12 +297,12 @@ LOAD_ROWS = r"""
 import resource, sys
 import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
-import plumbing
+from trainer_support.checkpoint import CompressedArray, load_rows
 path, rows = sys.argv[2], int(sys.argv[3])
 target = torch.zeros((rows, 84, 84), dtype=torch.uint8)
 target.numpy()[...] = 1  # resident before the peak is measured from here
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-plumbing.load_rows(plumbing.CompressedArray(path), target, chunk_bytes=(16 << 20) + 12345)
+load_rows(CompressedArray(path), target, chunk_bytes=(16 << 20) + 12345)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 block = (np.arange(97 * 84 * 84) % 253).astype(np.uint8).reshape(97, 84, 84)
 same = all(np.array_equal(target[i:i + 97].numpy(), block[:len(target[i:i + 97])]) for i in range(0, rows, 97))
@@ -314,7 +316,7 @@ def test_a_replay_memory_goes_onto_a_device_a_chunk_at_a_time(tmp_path):
     device path uses, in a fresh process whose peak memory is measured."""
     rows = 76_000  # 536 MB of frames
     block = (np.arange(97 * 84 * 84) % 253).astype(np.uint8).reshape(97, 84, 84)
-    plumbing.save_array(tmp_path / "frames.npy.zst", np.tile(block, (rows // 97 + 1, 1, 1))[:rows])
+    save_array(tmp_path / "frames.npy.zst", np.tile(block, (rows // 97 + 1, 1, 1))[:rows])
     out = subprocess.run([sys.executable, "-c", LOAD_ROWS, str(ROOT), str(tmp_path / "frames.npy.zst"), str(rows)],
                          capture_output=True, text=True, check=True).stdout.split()
     grew, same = int(out[0]), out[1] == "True"

@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "train_breakout.py"
 sys.path.insert(0, str(ROOT))
 import play  # noqa: E402
-import plumbing  # noqa: E402
+from trainer_support.checkpoint import load_checkpoint  # noqa: E402
+from trainer_support.files import save_snapshot  # noqa: E402
 import train_breakout as tb  # noqa: E402
+from trainer_support import atari  # noqa: E402
 
 CPU = torch.device("cpu")
 BREAKOUT_ACTIONS = [ale_py.Action.NOOP, ale_py.Action.FIRE, ale_py.Action.RIGHT, ale_py.Action.LEFT]
@@ -394,7 +396,7 @@ def test_the_tutorials_transition_rule_on_a_scripted_game(tmp_path, monkeypatch,
     assert {games.received[t] for t in range(len(SCRIPT_STEPS)) if t not in FIRE_STEPS} - {1} != set()
 
     checkpoint = sorted((run / "resume").iterdir())[-1]
-    arrays = {k[len("replay."):]: np.asarray(v) for k, v in plumbing.load_checkpoint(checkpoint)[1].items()
+    arrays = {k[len("replay."):]: np.asarray(v) for k, v in load_checkpoint(checkpoint)[1].items()
               if k.startswith("replay.")}
     stored = list(zip(arrays["slot"].tolist(), arrays["action"].tolist(), arrays["reward"].tolist(),
                       arrays["has_next"].tolist()))
@@ -406,7 +408,7 @@ def test_the_tutorials_transition_rule_on_a_scripted_game(tmp_path, monkeypatch,
     # What the replay memory rebuilds is what the agent saw: the state at the block's first step, and the
     # state one step later as next state.
     memory = tb.ReplayMemory(500, 1, 6, 6, CPU)
-    memory.load_state_dict({**arrays, **plumbing.load_checkpoint(checkpoint)[0]["replay"]})
+    memory.load_state_dict({**arrays, **load_checkpoint(checkpoint)[0]["replay"]})
     slots = torch.tensor(arrays["slot"])
     zeros = torch.zeros_like(slots)
     states, next_states = memory.stacks(zeros, slots)
@@ -518,7 +520,7 @@ def test_a_tutorial_state_dict_loads_and_ours_loads_into_the_tutorials_network(t
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs(x), atol=1e-5)
 
-    plumbing.save_snapshot(tb.DuelingNetwork(6, 4), tmp_path / "ours.pth")
+    save_snapshot(tb.DuelingNetwork(6, 4), tmp_path / "ours.pth")
     TutorialDQN().load_state_dict(torch.load(tmp_path / "ours.pth", weights_only=True))  # strict
 
 
@@ -619,7 +621,7 @@ def test_td_update_matches_a_hand_computed_target_and_huber_loss():
     target_before = {k: v.clone() for k, v in target.state_dict().items()}
 
     loss, mean_q = tb.td_update(policy, target, torch.optim.SGD(policy.parameters(), lr=0.5),
-                                (states, actions, rewards, next_states, has_next), gamma=0.99)
+                                tb.Batch(states, actions, rewards, next_states, has_next), gamma=0.99)
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-4)
     assert mean_q.item() == pytest.approx(q_sa.mean().item(), rel=1e-4, abs=1e-5)
     for (name, p), r in zip(policy.named_parameters(), reference.parameters()):
@@ -639,8 +641,8 @@ class HugeGradient(nn.Module):
 
 def test_td_update_clips_gradients_by_value_at_1000():
     policy, target = HugeGradient(), HugeGradient()
-    batch = (torch.zeros((1, 6, 84, 84), dtype=torch.uint8), torch.tensor([0]), torch.tensor([5.0]),
-             torch.zeros((1, 6, 84, 84), dtype=torch.uint8), torch.tensor([False]))
+    batch = tb.Batch(torch.zeros((1, 6, 84, 84), dtype=torch.uint8), torch.tensor([0]), torch.tensor([5.0]),
+                     torch.zeros((1, 6, 84, 84), dtype=torch.uint8), torch.tensor([False]))
     tb.td_update(policy, target, torch.optim.SGD(policy.parameters(), lr=1.0), batch, gamma=0.99)
     assert policy.w.item() == pytest.approx(1000.0)  # the raw gradient is -1e7
 
@@ -753,7 +755,7 @@ def test_a_short_run_learns_and_writes_snapshots_config_metrics_and_a_checkpoint
 
     checkpoint = final_checkpoint(run)
     assert checkpoint.name == f"{steps:012d}" and (checkpoint / "manifest.json").exists()
-    tensors = plumbing.load_checkpoint(checkpoint)[0]
+    tensors = load_checkpoint(checkpoint)[0]
     snapshot = torch.load(run / f"{episodes}.pth", weights_only=True)
     # The snapshot is the target network, as the tutorial saved it; it loads into the tutorial's network.
     assert all(torch.equal(snapshot[k], tensors["target_net"][k]) for k in snapshot)
@@ -805,11 +807,11 @@ def test_bad_input_gives_one_error_line_and_exit_status_2(error_runs, case):
 def test_resume_with_more_episodes_goes_on_counting_episodes(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
-    before = plumbing.load_checkpoint(final_checkpoint(run))[0]["counters"]
+    before = load_checkpoint(final_checkpoint(run))[0]["counters"]
     p = run_script("--checkpoints", str(run), "--resume", "--episodes", str(before["episodes"] + 4), "--envs", "2")
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"episode {before['episodes']}, agent step {before['steps']}" in p.stdout
-    after = plumbing.load_checkpoint(final_checkpoint(run))[0]["counters"]
+    after = load_checkpoint(final_checkpoint(run))[0]["counters"]
     assert before["episodes"] + 4 <= after["episodes"] <= before["episodes"] + 5
     assert after["steps"] > before["steps"] and after["updates"] > before["updates"]
     assert (run / "12.pth").exists() and (run / f"{after['episodes']}.pth").exists()
@@ -875,8 +877,8 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_log(trained_run, t
 def test_vector_games_equal_separately_seeded_single_games():
     # AtariVectorEnv.reset(seed=s) seeds sub-environment i with s + i.
     n, seed, steps = 3, 11, 250
-    together = tb.VectorGames("ALE/Breakout-v5", n, seed)
-    alone = [tb.VectorGames("ALE/Breakout-v5", 1, seed + i) for i in range(n)]
+    together = atari.VectorGames("ALE/Breakout-v5", n, seed)
+    alone = [atari.VectorGames("ALE/Breakout-v5", 1, seed + i) for i in range(n)]
     assert [a.name for a in together.actions] == ["NOOP", "FIRE", "RIGHT", "LEFT"]
     actions = np.random.default_rng(0).integers(0, 4, (steps, n))
     frames, lives = together.reset()
@@ -905,7 +907,7 @@ def test_emulator_grey_gives_exactly_the_tutorials_frames():
     """The vector environment hands Breakout over as the emulator's greyscale; through BREAKOUT_GREY it must
     give the very frames the tutorial's BGR2GRAY of the RGB screen gives, pixel for pixel."""
     n, seed, steps = 4, 5, 400
-    grey, rgb = tb.VectorGames("ALE/Breakout-v5", n, seed), tb.VectorGames("ALE/Breakout-v5", n, seed, rgb=True)
+    grey, rgb = atari.VectorGames("ALE/Breakout-v5", n, seed), atari.VectorGames("ALE/Breakout-v5", n, seed, rgb=True)
     assert grey.screen_lut is not None and rgb.screen_lut is None
     rng = np.random.default_rng(1)
     g, _ = grey.reset()
@@ -917,7 +919,7 @@ def test_emulator_grey_gives_exactly_the_tutorials_frames():
         assert np.array_equal(tb.preprocess_all(g, None, grey.screen_lut), tb.preprocess_all(c, None)), f"step {t}"
         actions = np.where(rng.random(n) < 0.2, 1, rng.integers(0, 4, n))  # FIRE often, so balls fly
         g, c = grey.step(actions)[0], rgb.step(actions)[0]
-    assert levels <= set(tb.BREAKOUT_GREY) and len(levels) >= 7  # every colour seen has its own entry
+    assert levels <= set(atari.BREAKOUT_GREY) and len(levels) >= 7  # every colour seen has its own entry
     # The batch path against one frame through cv2 by hand, as the tutorial wrote it.
     by_hand = [tutorial_preprocess(f) for f in c]
     assert np.array_equal(tb.preprocess_all(c, None), np.stack(by_hand))

@@ -1,0 +1,14 @@
+"""The trainer's support code, one module per concern; train_breakout.py holds the DQN and imports from here,
+never the other way round.
+
+    cli         one-line errors and exit statuses, flags made from a dataclass, the start-up table
+    files       files written whole or not at all, writes that survive a full disk
+    checkpoint  compressed arrays, a declared state walked by save and load, full checkpoints
+    run_folder  one trainer per folder (its lock), which checkpoint a resume reads
+    background  stop signals, and the helper process evaluations play in beside training
+    device      the device and its memory, uploads that do not wait, compiling's helpers
+    logs        metrics.csv, TensorBoard, progress
+    curve       curve.png
+    video       evaluation and play videos
+    atari       the emulator: ale-py's vector games, and one gym.make game that saves exactly
+"""

@@ -1,0 +1,89 @@
+"""One-line errors and exit statuses, flags made from the fields of a dataclass, and the table of the flags in
+force that a run prints when it starts."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Optional
+
+
+# ---- Errors and exit statuses.
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one line, exit status 2, no traceback."""
+
+
+def run_command(body, interrupted: str) -> int:
+    """Exit status of a command (train_breakout.py's and play.py's): 0 done, 2 bad input (one line on stderr,
+    no traceback), 130 interrupted (the line `interrupted` on stderr)."""
+    try:
+        body()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    return 0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already explains it."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default" in action.help else super()._get_help_string(action)
+
+
+# ---- Flags: the fields of a dataclass, each made by `flag`, its help text and default shown in --help.
+POSITIVE, NOT_NEGATIVE, UNIT = "(0, inf)", "[0, inf)", "[0, 1]"
+
+
+def flag(default, help: str, bounds: Optional[str] = None, new_on_resume: bool = False, **argparse_kw):
+    """A flag: its default, its --help line, the interval its value must lie in (`bounds`, checked by
+    check_bounds), and whether --resume accepts a new value for it."""
+    return dataclasses.field(default=default, metadata=dict(help=help, bounds=bounds, new_on_resume=new_on_resume,
+                                                            argparse=argparse_kw))
+
+
+def flag_parser(cls, doc: str, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The command line of the dataclass `cls`; with `suppress_defaults`, only the flags given are parsed."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    for f in dataclasses.fields(cls):
+        kw = dict(help=f.metadata["help"], **f.metadata["argparse"])
+        kw["default"] = argparse.SUPPRESS if suppress_defaults else f.default
+        name = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(name, action="store_true", **kw)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type.replace("Optional[", "").rstrip("]")]
+            parser.add_argument(name, type=kind, **kw)
+    return parser
+
+
+def check_bounds(args) -> None:
+    """Refuse, in one line, a flag outside its bounds."""
+    for f in dataclasses.fields(args):
+        value, bounds = getattr(args, f.name), f.metadata["bounds"]
+        if value is None or bounds is None:
+            continue
+        low, high = (float(x) for x in bounds[1:-1].split(","))
+        if not ((low <= value if bounds[0] == "[" else low < value)
+                and (value <= high if bounds[-1] == "]" else value < high)):
+            what = {POSITIVE: "must be positive", NOT_NEGATIVE: "must not be negative"}.get(bounds,
+                                                                                          f"must lie in {bounds}")
+            raise UserError(f"--{f.name.replace('_', '-')} {what}, got {value}")
+
+
+def describe(sections: dict, width: int = 100) -> str:
+    """Each section's `{name: value}` as `--name value` cells in columns of 26, packed into lines of `width`."""
+    lines = []
+    for title, rows in sections.items():
+        lines.append(title)
+        line = " "
+        for cell in (f"--{k.replace('_', '-')} {v}".ljust(25) for k, v in rows.items()):
+            if len(line) + 1 + len(cell.rstrip()) > width:
+                lines.append(line.rstrip())
+                line = " "
+            line += " " + cell
+        lines.append(line.rstrip())
+    return "\n".join(lines)

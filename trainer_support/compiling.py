@@ -1,0 +1,57 @@
+"""torch.compile for the learning update and acting: compiled and warmed up once, checked once against the eager
+functions, and given up in one line wherever it fails (the trainer then goes on with the eager ones)."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+
+def compiled(functions: tuple, cuda: bool, warm_up) -> Optional[tuple]:
+    """`functions` through torch.compile (on CUDA replayed as CUDA graphs), warmed up now by three calls of
+    `warm_up(*compiled)` (CUDA graphs are recorded at the third), so that the loop's first calls neither compile nor
+    record again. None where compiling fails: one line says why (and how to clear a damaged compile cache)."""
+    mode = "reduce-overhead" if cuda else None
+    functions = tuple(torch.compile(f, mode=mode) for f in functions)
+    started = time.time()
+    try:
+        for _ in range(3):
+            warm_up(*functions)
+    except Exception as e:  # no C++ compiler, a GPU or PyTorch build without Triton, a damaged cache, ...
+        print(f"note: torch.compile failed ({compile_failure(e)}); going on without compiling", flush=True)
+        return None
+    print(f"compiled the learning update and acting in {time.time() - started:.0f} s", flush=True)
+    return functions
+
+
+def differences(found: list) -> list:
+    """Of (what, compiled result, eager result, tolerance), those whose relative difference is over the tolerance,
+    in words."""
+    return [f"{what} (relative difference {d:.2g})" for what, c, e, tolerance in found
+            if not (d := relative_difference(c, e)) <= tolerance]
+
+
+def greedy_disagreements(q: torch.Tensor, actions: torch.Tensor) -> int:
+    """Games whose `actions` are not the argmax of their Q-values `q`, among those whose top two are not near a tie."""
+    top2 = q.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * q.abs().max().clamp_min(1e-6)
+    return int(((actions != q.argmax(1)) & clear).sum())
+
+
+def compile_failure(e: BaseException) -> str:
+    """What a failed compile says, in one line; where the error names PyTorch's compile cache (a library cut short
+    by a compile killed midway breaks every later compile), that deleting the cache lets the next run compile."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    inner = getattr(e, "inner_exception", None) or e  # torch.compile's BackendCompilerFailed wraps the error
+    reason = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:160]}"
+    text = " ".join(str(x) for x in (e, inner, e.__cause__, e.__context__) if x is not None)
+    if cache_dir() in text or "file too short" in text:
+        reason += f"; the compile cache may be damaged: delete {cache_dir()} and the next run compiles afresh"
+    return reason
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (Euclidean norms); 0 where they are equal."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30)) if (a - b).any() else 0.0
