@@ -41,9 +41,9 @@ from trainer_support.atari import OneGame, VectorGames, ale_settings, fire_actio
 from trainer_support.background import Helper, StopRequest, frozen  # noqa: E402
 from trainer_support.checkpoint import (DamagedCheckpoint, load_rows, restore_state, save_full_checkpoint,  # noqa: E402
                                         say_if_not_saved)
-from trainer_support.cli import (NOT_NEGATIVE, POSITIVE, UNIT, UserError, check_bounds, describe, flag,  # noqa: E402
-                                 flag_parser, run_command)
-from trainer_support.compiling import compile_failure, compiled, differences, greedy_disagreements  # noqa: E402
+from trainer_support.cli import (NOT_NEGATIVE, POSITIVE, UNIT, UserError, check_bounds, flag, flag_parser,  # noqa: E402
+                                 flags_in_force, run_command)
+from trainer_support.compiling import InUse, compiled, differences, greedy_disagreements  # noqa: E402
 from trainer_support.device import (EVAL_BESIDE_CORES, Staging, check_memory_fits, pick_device, switches,  # noqa: E402
                                     threads_for, torch_threads)
 from trainer_support.curve import History, draw_curve  # noqa: E402
@@ -796,11 +796,8 @@ class Session:
             self.log.table("hyperparameters", dataclasses.asdict(args))
         self.switches = on = switches(args, device)
         # Acting on CPU forwards only the games that act greedily; elsewhere all of them, with no upload.
-        self.loss_fn, self.greedy = td_loss, (greedy_actions if device.type != "cpu" else None)
-        compiled = on.compile and compiled_functions(run, args, device)
-        if compiled:
-            self.loss_fn, self.greedy = compiled
-        self.unchecked = bool(compiled)  # the compiled functions are checked against the eager ones once
+        self.functions = InUse(td_loss, greedy_actions, on.compile and compiled_functions(run, args, device) or None,
+                               greedy_actions if device.type != "cpu" else None)
         self.started, self.seconds_before = time.time(), run.counters.seconds
         self.checkpoint_due = Every.counting_from(60 * args.checkpoint_minutes)  # counting this session's seconds
         # Progress follows the budget that was given: minutes (in seconds), else agent steps, else episodes.
@@ -815,34 +812,6 @@ class Session:
         self.stop = StopRequest()  # last: train() gives the signals back from here on
         if TERMINATED_AT_START:
             self.stop.signal = "SIGTERM"
-
-    def stop_compiling(self, why: str) -> None:
-        """One line, and the eager functions from here on (acting on every game, as the compiled one did)."""
-        tqdm.write(f"note: {why}; training goes on without compiling")
-        self.loss_fn, self.greedy, self.unchecked = td_loss, greedy_actions, False
-
-    def check_compiled(self, run: Run, batch: Batch) -> None:
-        """Before the session's first update: the compiled functions against the eager ones, on its batch."""
-        self.unchecked = False
-        try:
-            mismatch = compiled_mismatch(run, self.args, batch, self.loss_fn, self.greedy)
-        except Exception as e:
-            return self.stop_compiling(f"the compiled learning update failed its check ({compile_failure(e)})")
-        if mismatch:
-            self.stop_compiling(f"the compiled learning update or acting gives other results than the eager one: "
-                                f"{mismatch}")
-
-    def compiled_failed(self, e: BaseException) -> None:
-        self.stop_compiling(f"a compiled call failed ({compile_failure(e)})")
-
-    def greedy_actions(self, policy: nn.Module, stacks: torch.Tensor) -> torch.Tensor:
-        """self.greedy; where the compiled one fails, the eager one."""
-        if self.greedy is not greedy_actions:
-            try:
-                return self.greedy(policy, stacks)
-            except Exception as e:
-                self.compiled_failed(e)
-        return greedy_actions(policy, stacks)
 
     def seconds(self) -> float:
         return time.time() - self.started
@@ -867,7 +836,7 @@ def act(run: Run, session: Session) -> np.ndarray:
     """Epsilon-greedy actions for every game, FIRE wherever a life starts."""
     return choose_actions(run.policy_net, run.stack, epsilon(run.counters.steps, session.args), session.n_actions,
                           run.rng, run.tracking.need_fire, session.fire,
-                          session.greedy_actions if session.greedy else None)
+                          session.functions.greedy_actions if session.functions.greedy else None)
 
 
 class Outcome(NamedTuple):
@@ -922,10 +891,11 @@ def learn(run: Run, session: Session) -> None:
                 torch.set_num_threads(torch_threads(args, session.device, learning=True))
                 learned = True
             batch = run.replay.sample(args.batch_size, run.sampler)
-            if session.unchecked:
-                session.check_compiled(run, batch)
+            functions = session.functions
+            if functions.unchecked:
+                functions.check(lambda loss_fn, greedy: compiled_mismatch(run, args, batch, loss_fn, greedy))
             run.learning.add(td_update(run.policy_net, run.target_net, run.optimizer, batch, args.gamma,
-                                       args.n_step, args.double, session.loss_fn, session.compiled_failed))
+                                       args.n_step, args.double, functions.loss_fn, functions.failed))
             counters.updates += 1
         if count % args.target_every == 0:
             soft_update(run.target_net, run.policy_net, args.tau)
@@ -1141,7 +1111,7 @@ def build_run(args: Args, device: torch.device) -> tuple[Run, int]:
 
 def resume_run(args: Args, given: set, device: torch.device, run_dir: Path, folders: list):
     """(flags, run, replay bytes, run id) from the newest usable checkpoint of `folders`, with the flags it was
-    written with; one that does not fit the run its flags describe counts as damaged (trainer_support.run_folder.resume_newest)."""
+    written with; one that does not fit the run its flags describe counts as damaged (run_folder.resume_newest)."""
     def fit(folder: Path, state: dict, arrays: dict, manifest: dict):
         run_args = resumed_args(args, given, manifest["summary"], run_dir)
         try:
@@ -1161,22 +1131,18 @@ def resume_run(args: Args, given: set, device: torch.device, run_dir: Path, fold
     return resume_newest(run_dir, folders, fit)
 
 
-def flags_in_force(args: Args, device: torch.device, replay_bytes: int) -> str:
-    """The run's flags as they are in force, on one screen: the defaults that follow other flags, "auto" and 0
-    resolved; a limit that was not given left out."""
+def start_up_table(args: Args, device: torch.device, replay_bytes: int) -> str:
+    """The run's flags as they are in force: the defaults that follow other flags, "auto" and 0 resolved."""
     on = switches(args, device)
     auto = lambda name, value: ("on" if value else "off") + (" (auto)" if getattr(args, name) == "auto" else "")
-    values = dict(dataclasses.asdict(args), learn_start=args.transitions_before_learning,
-                  block=args.steps_per_transition, threads=torch_threads(args, device, learning=True),
-                  device=f"{device}" + (" (auto)" if args.device == "auto" else ""),
-                  compile=auto("compile", on.compile), overlap=auto("overlap", on.overlap),
-                  eval_beside=auto("eval_beside", on.eval_beside))
-    values = {k: "on" if v is True else "off" if v is False else v for k, v in values.items() if v is not None}
-    names = [f.name for f in dataclasses.fields(Args)]
-    machine, recipe = names.index("env"), names.index("recipe")
-    pick = lambda part: {k: values[k] for k in part if k in values and k != "recipe"}
-    return describe({"run:": pick(names[:machine]), "machine:": pick(names[machine:recipe]),
-                     f"recipe {args.recipe} (flags given replace its values):": pick(names[recipe:])}) + (
+    resolved = dict(learn_start=args.transitions_before_learning, block=args.steps_per_transition,
+                    threads=torch_threads(args, device, learning=True), recipe=None,
+                    device=f"{device}" + (" (auto)" if args.device == "auto" else ""),
+                    compile=auto("compile", on.compile), overlap=auto("overlap", on.overlap),
+                    eval_beside=auto("eval_beside", on.eval_beside))
+    sections = {"run:": "episodes", "machine:": "env",
+                f"recipe {args.recipe} (flags given replace its values):": "recipe"}
+    return flags_in_force(args, resolved, sections) + (
         f"\nreplay memory: {replay_bytes / 2**30:.2f} GiB on {device} "
         f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)")
 
@@ -1201,7 +1167,7 @@ def train(args: Args, given: set) -> dict:
             run_id = run_id or (config_of(run_dir) or {}).get("run_id") or new_run_id()
         else:
             (run, replay_bytes), run_id = build_run(args, device), new_run_id()
-        print(flags_in_force(args, device, replay_bytes), flush=True)
+        print(start_up_table(args, device, replay_bytes), flush=True)
         config = dict(env=args.env, frames=args.frames, n_actions=len(run.games.actions), run_id=run_id,
                       args=dataclasses.asdict(args))
         writes, started = Writes(), True

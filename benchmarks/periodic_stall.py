@@ -31,7 +31,7 @@ def load_trainer(folder: Path):
     sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location("train_breakout", folder / "train_breakout.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["train_breakout"] = module  # the curve process imports it by this name
+    sys.modules["train_breakout"] = module  # a helper process imports it by this name
     spec.loader.exec_module(module)
     return module
 
@@ -57,7 +57,8 @@ def main() -> None:
             for i, score in enumerate(rng.integers(0, 30, a.games)):  # not timed: the history of a long run
                 run.history.games.append([i, i, float(score)])
             run.snapshots.next = run.curve.next = counters.episodes
-            run.evaluations.next, session.checkpoints.next = counters.steps, session.seconds()
+            run.evaluations.next, session.checkpoint_due.next = counters.steps, session.seconds()
+            session.curve_drawn = 0.0  # the curve is drawn at most once a minute: due now
             due["step"] = counters.steps
         started = time.perf_counter()
         periodic_work(run, session)

@@ -61,28 +61,33 @@ def test_each_evaluation_appears_once_in_metrics_and_tensorboard_when_a_run_stop
     result, and a run stopped while one plays waits for it before its last checkpoint. Resumed, the run logs each
     evaluation once, in metrics.csv and in TensorBoard, as a run that was never stopped does."""
     flags = ["--envs", "1", "--memory", "300", "--batch-size", "16", "--learn-start", "100", "--eval-every", "500",
-             "--eval-games", "2", "--seed", "6", "--device", "cpu", "--threads", "1", "--steps", "1100"]
+             "--eval-games", "2", "--seed", "6", "--device", "cpu", "--threads", "1", "--steps", "1400"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     tb.train(*tb.parse_args(flags + ["--checkpoints", str(straight), "--eval-beside", "off"]))
 
-    start, saved_while_playing = tb.start_evaluation, []
+    start, collect, save = tb.start_evaluation, tb.collect_evaluation, tb.save_checkpoint
+    saved_while_playing, due_while_playing = [], []
 
     def stop_right_after(run, session):  # SIGTERM as soon as the evaluation is handed over
         start(run, session)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    save = tb.save_checkpoint
+    def collected(run, session, wait=False):  # was a checkpoint due while it played?
+        due_while_playing.append(session.checkpoint_due.next <= session.seconds())
+        collect(run, session, wait)
+
     monkeypatch.setattr(tb, "save_checkpoint", lambda run, session: (
         saved_while_playing.append(session.evaluating is not None), save(run, session)))
+    monkeypatch.setattr(tb, "collect_evaluation", collected)
     monkeypatch.setattr(tb, "start_evaluation", stop_right_after)
     tb.train(*tb.parse_args(flags + ["--checkpoints", str(stopped), "--eval-beside", "on",
-                                     "--checkpoint-minutes", "0.002"]))
+                                     "--checkpoint-minutes", "0.01"]))
     out = capsys.readouterr().out
     assert "waiting for the evaluation of step 500 to end" in out and "stopped by SIGTERM at episode" in out, out
     assert rows(stopped, "eval") == rows(straight, "eval")[:1]
     monkeypatch.setattr(tb, "start_evaluation", start)
     tb.train(*tb.parse_args(["--resume", "--checkpoints", str(stopped)]))
-    assert len(saved_while_playing) >= 2 and not any(saved_while_playing)
+    assert len(saved_while_playing) >= 2 and not any(saved_while_playing) and any(due_while_playing)
     assert [r[0] for r in rows(straight, "eval")] == ["500", "1000"]
     assert rows(stopped, "eval") == rows(straight, "eval")
     assert rows(stopped, "game") == rows(straight, "game")

@@ -267,7 +267,7 @@ def test_a_helper_comes_back_after_kill_9_and_one_that_keeps_dying_hands_its_wor
 
 def test_damaged_loose_files_neither_block_nor_change_a_resume(tmp_path):
     run = tmp_path / "run"
-    train(run, "--steps", "300", "--checkpoint-minutes", "0.001")
+    train(run, "--steps", "300", "--checkpoint-minutes", "0.01")
     metrics, config = run / "metrics.csv", run / "config.json"
     good_config = config.read_text()
     # metrics.csv cut mid-line (a full disk), and config.json without one field (it came back with that flag's

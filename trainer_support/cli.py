@@ -87,3 +87,15 @@ def describe(sections: dict, width: int = 100) -> str:
             line += " " + cell
         lines.append(line.rstrip())
     return "\n".join(lines)
+
+
+def flags_in_force(args, resolved: dict, sections: dict) -> str:
+    """The flags of the dataclass `args` as they are in force, on one screen: `resolved` replaces the values that
+    follow other flags and "auto" (None leaves a flag out); booleans as on/off, a limit not given left out.
+    `sections`: {title: the first flag of the section}."""
+    values = {**dataclasses.asdict(args), **resolved}
+    values = {k: "on" if v is True else "off" if v is False else v for k, v in values.items() if v is not None}
+    names = [f.name for f in dataclasses.fields(args)]
+    starts = [names.index(first) for first in sections.values()] + [len(names)]
+    return describe({title: {k: values[k] for k in names[start:end] if k in values}
+                     for title, start, end in zip(sections, starts, starts[1:])})

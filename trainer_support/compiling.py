@@ -6,6 +6,7 @@ import time
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 
 def compiled(functions: tuple, cuda: bool, warm_up) -> Optional[tuple]:
@@ -23,6 +24,43 @@ def compiled(functions: tuple, cuda: bool, warm_up) -> Optional[tuple]:
         return None
     print(f"compiled the learning update and acting in {time.time() - started:.0f} s", flush=True)
     return functions
+
+
+class InUse:
+    """The learning update's loss and acting's greedy choice in use: the compiled ones, checked once (`check`) before
+    the first update, or the eager ones from the first failure on, after one line that says why."""
+
+    def __init__(self, eager_loss, eager_greedy, compiled: Optional[tuple], greedy_when_eager=None):
+        self.eager_loss, self.eager_greedy = eager_loss, eager_greedy
+        self.loss_fn, self.greedy = compiled or (eager_loss, greedy_when_eager)
+        self.unchecked = compiled is not None
+
+    def give_up(self, why: str) -> None:
+        """One line, and the eager functions from here on (acting on every game, as the compiled one did)."""
+        tqdm.write(f"note: {why}; training goes on without compiling")
+        self.loss_fn, self.greedy, self.unchecked = self.eager_loss, self.eager_greedy, False
+
+    def check(self, mismatch) -> None:
+        """`mismatch(loss_fn, greedy)`: what differs between the compiled functions and the eager ones, or None."""
+        self.unchecked = False
+        try:
+            found = mismatch(self.loss_fn, self.greedy)
+        except Exception as e:
+            return self.give_up(f"the compiled learning update failed its check ({compile_failure(e)})")
+        if found:
+            self.give_up(f"the compiled learning update or acting gives other results than the eager one: {found}")
+
+    def failed(self, e: BaseException) -> None:
+        self.give_up(f"a compiled call failed ({compile_failure(e)})")
+
+    def greedy_actions(self, policy: torch.nn.Module, stacks: torch.Tensor) -> torch.Tensor:
+        """self.greedy; where the compiled one fails, the eager one."""
+        if self.greedy is not self.eager_greedy:
+            try:
+                return self.greedy(policy, stacks)
+            except Exception as e:
+                self.failed(e)
+        return self.eager_greedy(policy, stacks)
 
 
 def differences(found: list) -> list:
