@@ -7,8 +7,8 @@ one H100/H200 with 16 cores; a part that would not fit in the time left is skipp
     python benchmarks/gpu_check.py --dry          # the same checks on CPU, small: the tests run this
 
 Checks: pinned staging while GPU work is queued; the compile warm-up, then the loop's first real update with no
-compile and no CUDA-graph recording; compiled against eager; the overlapped loop learning, with a checkpoint
-written on its thread and an evaluation in the spawned process, then --resume; a CPU checkpoint resumed on the
+compile and no CUDA-graph recording; compiled against eager; the overlapped loop learning, with checkpoints
+written in the loop and an evaluation in the spawned process, then --resume; a CPU checkpoint resumed on the
 GPU; a replay memory too big for the GPU refused before anything is written; play.py on the GPU. Then agent
 steps/s learning off and on, beside the tutorial's loop, for --envs 16/32/64, games pinned to every core, to
 all but one, or not pinned; seconds per update eager and compiled.
@@ -285,7 +285,7 @@ def main() -> int:
         check("warm-up, then the first real update", 20 if a.dry else 120,
               lambda: check_compile(device, 4 if a.dry else 16, found))
         check("compiled against eager", 5, lambda: check_compiled_against_eager(found))
-        check("overlapped loop, checkpoint on its thread, evaluation beside, resume", 40 if a.dry else 150,
+        check("overlapped loop, checkpoints in the loop, evaluation beside, resume", 40 if a.dry else 150,
               lambda: check_loop(tmp, device.type, a.dry, found))
         if a.dry:
             check.line("SKIP", "a CPU checkpoint resumed on the device", "the device is the CPU")

@@ -169,7 +169,7 @@ def test_the_device_check_runs_its_checks_on_cpu():
     assert done.returncode == 0, done.stdout + done.stderr
     assert [line.split(":")[0] for line in lines if line.startswith(("PASS", "FAIL", "SKIP"))] == [
         "PASS pinned staging under queued work", "PASS warm-up, then the first real update",
-        "PASS compiled against eager", "PASS overlapped loop, checkpoint on its thread, evaluation beside, resume",
+        "PASS compiled against eager", "PASS overlapped loop, checkpoints in the loop, evaluation beside, resume",
         "SKIP a CPU checkpoint resumed on the device", "PASS a replay memory too big is refused",
         "PASS play.py on the device"]
     assert lines[-1].startswith("gpu_check: 6 passed, 0 failed, 1 skipped on ")

@@ -98,17 +98,17 @@ def assert_same_run(straight: Path, stopped: Path) -> None:
 
 def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     straight, stopped, mid_game = tmp_path / "straight", tmp_path / "stopped", tmp_path / "mid_game"
-    train(straight, "--steps", "3000")
-    assert final_checkpoint(straight).name == f"{3000:012d}"
+    train(straight, "--steps", "2000")
+    assert final_checkpoint(straight).name == f"{2000:012d}"
     # Every field of the run's state is in its checkpoint, saved without being named anywhere else.
     state, arrays, manifest = load_checkpoint(final_checkpoint(straight))
     assert set(state) | {key.split(".")[0] for key in arrays} == {f.name for f in dataclasses.fields(tb.Run)}
-    assert manifest["format"] == 1 and manifest["summary"]["step"] == 3000
+    assert manifest["format"] == 1 and manifest["summary"]["step"] == 2000
     assert play.load_network(str(straight / "best.pth"), torch.device("cpu")) is not None
 
     # A cluster's scheduler: the same command line, stopped by SIGTERM twice and run a third time. Each time
     # the run finishes its step, saves and says how to go on; the third ends where the uninterrupted run did.
-    command, stops = ("--steps", "3000", "--auto-resume"), []
+    command, stops = ("--steps", "2000", "--auto-resume"), []
     for _ in range(2):
         logged = score_rows(stopped) if (stopped / "metrics.csv").exists() else []
         proc = start(stopped, *command)
@@ -118,7 +118,7 @@ def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
         assert proc.returncode == 0, err[-2000:]
         assert "--resume" in out  # it says how to continue
         stops.append(int(final_checkpoint(stopped).name))
-    assert 0 < stops[0] < stops[1] < 3000
+    assert 0 < stops[0] < stops[1] < 2000
     resumed = train(stopped, *command)
     assert f"agent step {stops[1]}" in resumed.stdout
     assert_same_run(straight, stopped)
@@ -129,7 +129,7 @@ def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     game_ends = [int(r[1]) for r in score_rows(straight) if r[0] == "game"]
     middle = next(end for end in game_ends if end > 1000) - 37
     train(mid_game, "--steps", str(middle))
-    train(mid_game, "--resume", "--steps", "3000")
+    train(mid_game, "--resume", "--steps", "2000")
     assert_same_run(straight, mid_game)
 
     # A scheduler's SIGTERM may come while the trainer is still starting (Slurm sends its signal up to a minute
