@@ -188,10 +188,13 @@ def display_reachable() -> bool:
     except OSError:
         return bool(os.environ.get("DISPLAY"))  # cannot check further; let OpenCV try
     x11.XOpenDisplay.restype, x11.XCloseDisplay.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-    display = x11.XOpenDisplay(None)  # NULL without DISPLAY, or when its X server does not answer
-    if display:
-        x11.XCloseDisplay(display)
-    return bool(display)
+    for attempt in range(3 if os.environ.get("DISPLAY") else 1):  # a busy X server may miss one connection
+        display = x11.XOpenDisplay(None)  # NULL without DISPLAY, or when its X server does not answer
+        if display:
+            x11.XCloseDisplay(display)
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def window_fails() -> str:
