@@ -936,7 +936,7 @@ def progress_figures(run: Run, args: Args) -> dict:
 
 def periodic_work(run: Run, session: Session) -> None:
     """Snapshots, curve, evaluations and full checkpoints when due. An evaluation plays beside training where it
-    can; a checkpoint that falls due meanwhile waits for its result, so that no evaluation crosses a checkpoint."""
+    can; a checkpoint that falls due meanwhile is taken once its result is in, so no evaluation crosses one."""
     counters = run.counters
     for episode in run.snapshots.passed(counters.episodes):
         save_episode_snapshot(run, session, episode)
@@ -1071,15 +1071,19 @@ def save_checkpoint(run: Run, session: Session) -> None:
 
 
 def finish(run: Run, session: Session) -> None:
-    """The evaluation playing beside training waited for, the last snapshot and curve when the budget is spent, a
-    full checkpoint, and how to go on."""
+    """The last evaluation's result, snapshot and curve when the budget is spent, a full checkpoint, and how to go
+    on. No evaluation crosses a checkpoint: a stop does not wait for the one playing beside training, which the
+    resumed run plays first."""
     session.progress.close()
-    counters, run_dir = run.counters, session.run_dir
-    if session.evaluating is not None:  # no evaluation crosses a checkpoint
-        print(f"waiting for the evaluation of step {session.evaluating.step} to end", flush=True)
-        collect_evaluation(run, session, wait=True)
+    counters, run_dir, spent = run.counters, session.run_dir, not session.budget_left(run.counters)
+    if session.evaluating is not None:
+        collect_evaluation(run, session, wait=spent)
+    if session.evaluating is not None:
+        print(f"the evaluation of step {session.evaluating.step} was still playing: the resumed run plays one "
+              "first, on the checkpoint's weights", flush=True)
+        run.evaluations.next, counters.evals, session.evaluating = session.evaluating.step, counters.evals - 1, None
     session.evaluations.close(timeout=0)
-    if not session.budget_left(counters):
+    if spent:
         save_episode_snapshot(run, session, counters.episodes)
         draw_curve_now(run, session)
     if session.unsaved_best is not None:
@@ -1185,6 +1189,8 @@ def train_session(run: Run, session: Session, replay_bytes: int) -> dict:
     """The training loop of a started (or resumed) run, then its end."""
     run_dir = session.run_dir
     try:
+        if run.evaluations.passed(run.counters.steps):  # one a stop gave up: played on the checkpoint's weights
+            start_evaluation(run, session)
         while session.budget_left(run.counters) and session.stop.signal is None:
             actions = act(run, session)
             run.games.send(actions)

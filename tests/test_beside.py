@@ -27,14 +27,25 @@ def rows(run: Path, kind: str) -> list:
         return [(r["step"], r["episode"], r["score"], r["loss"]) for r in csv.DictReader(f) if r["kind"] == kind]
 
 
-def test_evaluations_beside_training_score_as_inline_ones_and_training_does_not_notice(tmp_path, in_process, capsys):
+def test_evaluations_beside_training_score_as_inline_ones_and_a_checkpoint_due_meanwhile_waits(
+        tmp_path, in_process, capsys, monkeypatch):
+    collect, save = tb.collect_evaluation, tb.save_checkpoint
+    saved_while_playing, due_while_playing = [], []
+
+    def collected(run, session, wait=False):  # was a checkpoint due while it played?
+        due_while_playing.append(session.checkpoint_due.next <= session.seconds())
+        collect(run, session, wait)
+
+    monkeypatch.setattr(tb, "collect_evaluation", collected)
+    monkeypatch.setattr(tb, "save_checkpoint", lambda run, session: (
+        saved_while_playing.append(session.evaluating is not None), save(run, session)))
     runs = {}
     for beside in ("off", "on"):
         runs[beside] = run = tmp_path / beside
         tb.train(*tb.parse_args(["--checkpoints", str(run), "--eval-beside", beside, "--envs", "2", "--steps", "1500",
                                  "--memory", "400", "--batch-size", "16", "--learn-start", "100", "--eval-every",
                                  "750", "--eval-games", "2", "--plot-every", "10", "--seed", "4", "--device", "cpu",
-                                 "--threads", "1"]))
+                                 "--threads", "1", "--checkpoint-minutes", "0.01"]))
         out = capsys.readouterr().out
         assert re.search(rf"--eval-beside {beside}(  |$)", out, re.M), out  # the flags in force, at the start
     on, off = runs["on"], runs["off"]
@@ -45,6 +56,8 @@ def test_evaluations_beside_training_score_as_inline_ones_and_training_does_not_
     if len(rows(on, "eval")) == 2:
         assert (on / "best.pth").read_bytes() == (off / "best.pth").read_bytes()
     assert (on / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # No checkpoint was taken while an evaluation played beside training, though some fell due meanwhile.
+    assert saved_while_playing and not any(saved_while_playing) and any(due_while_playing)
 
 
 def eval_events(run: Path) -> list:
@@ -55,43 +68,33 @@ def eval_events(run: Path) -> list:
     return [e.step for e in events.Scalars("eval/score")]
 
 
-def test_each_evaluation_appears_once_in_metrics_and_tensorboard_when_a_run_stops_while_one_plays(
+def test_a_stop_gives_up_the_evaluation_playing_and_the_resumed_run_logs_each_evaluation_once(
         tmp_path, in_process, monkeypatch, capsys):
-    """No evaluation crosses a checkpoint: a checkpoint that falls due while one plays beside training waits for its
-    result, and a run stopped while one plays waits for it before its last checkpoint. Resumed, the run logs each
-    evaluation once, in metrics.csv and in TensorBoard, as a run that was never stopped does."""
-    flags = ["--envs", "1", "--memory", "300", "--batch-size", "16", "--learn-start", "100", "--eval-every", "500",
-             "--eval-games", "2", "--seed", "6", "--device", "cpu", "--threads", "1", "--steps", "1400"]
+    """No evaluation crosses a checkpoint: a stop does not wait for the one playing beside training (a good agent's
+    games could outlast a scheduler's grace time); the resumed run plays it first, on the checkpoint's weights.
+    Each evaluation is then logged once, in metrics.csv and in TensorBoard, as in a run never stopped."""
+    flags = ["--envs", "1", "--memory", "300", "--batch-size", "16", "--learn-start", "100", "--eval-every", "1000",
+             "--eval-games", "2", "--seed", "6", "--device", "cpu", "--threads", "1", "--steps", "2300"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     tb.train(*tb.parse_args(flags + ["--checkpoints", str(straight), "--eval-beside", "off"]))
-
-    start, collect, save = tb.start_evaluation, tb.collect_evaluation, tb.save_checkpoint
-    saved_while_playing, due_while_playing = [], []
+    start = tb.start_evaluation
 
     def stop_right_after(run, session):  # SIGTERM as soon as the evaluation is handed over
         start(run, session)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def collected(run, session, wait=False):  # was a checkpoint due while it played?
-        due_while_playing.append(session.checkpoint_due.next <= session.seconds())
-        collect(run, session, wait)
-
-    monkeypatch.setattr(tb, "save_checkpoint", lambda run, session: (
-        saved_while_playing.append(session.evaluating is not None), save(run, session)))
-    monkeypatch.setattr(tb, "collect_evaluation", collected)
     monkeypatch.setattr(tb, "start_evaluation", stop_right_after)
-    tb.train(*tb.parse_args(flags + ["--checkpoints", str(stopped), "--eval-beside", "on",
-                                     "--checkpoint-minutes", "0.01"]))
+    tb.train(*tb.parse_args(flags + ["--checkpoints", str(stopped), "--eval-beside", "on"]))
     out = capsys.readouterr().out
-    assert "waiting for the evaluation of step 500 to end" in out and "stopped by SIGTERM at episode" in out, out
-    assert rows(stopped, "eval") == rows(straight, "eval")[:1]
+    assert "the evaluation of step 1000 was still playing: the resumed run plays one first" in out, out
+    assert "stopped by SIGTERM at episode" in out and rows(stopped, "eval") == []
     monkeypatch.setattr(tb, "start_evaluation", start)
-    tb.train(*tb.parse_args(["--resume", "--checkpoints", str(stopped)]))
-    assert len(saved_while_playing) >= 2 and not any(saved_while_playing) and any(due_while_playing)
-    assert [r[0] for r in rows(straight, "eval")] == ["500", "1000"]
+    # In the loop from here, so that the next one cannot be skipped for the first still starting its process.
+    tb.train(*tb.parse_args(["--resume", "--checkpoints", str(stopped), "--eval-beside", "off"]))
+    assert [r[0] for r in rows(straight, "eval")] == ["1000", "2000"]
     assert rows(stopped, "eval") == rows(straight, "eval")
     assert rows(stopped, "game") == rows(straight, "game")
-    assert eval_events(stopped) == eval_events(straight) == [500, 1000]
+    assert eval_events(stopped) == eval_events(straight) == [1000, 2000]
     assert (stopped / "best.pth").read_bytes() == (straight / "best.pth").read_bytes()
 
 
