@@ -42,7 +42,7 @@ from trainer_support.background import Helper, StopRequest, frozen  # noqa: E402
 from trainer_support.checkpoint import (DamagedCheckpoint, load_rows, restore_state, save_full_checkpoint,  # noqa: E402
                                         say_if_not_saved)
 from trainer_support.cli import (NOT_NEGATIVE, POSITIVE, UNIT, UserError, check_bounds, flag, flag_parser,  # noqa: E402
-                                 flags_in_force, run_command)
+                                 run_command, start_up_table)
 from trainer_support.compiling import InUse, compiled, differences, greedy_disagreements  # noqa: E402
 from trainer_support.device import (EVAL_BESIDE_CORES, Staging, check_memory_fits, pick_device, switches,  # noqa: E402
                                     threads_for, torch_threads)
@@ -337,13 +337,12 @@ class ReplayMemory:
             if source.shape[1:] != target.shape[1:] or len(source) > len(target):
                 raise UserError(f"the checkpoint's replay memory has {name} of shape {source.shape}, which "
                                 f"does not fit this run's {tuple(target.shape)}")
-            if target.device.type == "cpu":  # straight from the file into the tensor, with no copy between
-                if hasattr(source, "read_into"):  # a compressed array of a checkpoint
-                    source.read_into(target[:len(source)].numpy())
-                else:
-                    target[:len(source)].numpy()[...] = source
-            else:  # a chunk at a time through host memory
+            if target.device.type != "cpu":  # a chunk at a time through host memory
                 load_rows(source, target[:len(source)])
+            elif hasattr(source, "read_into"):  # straight from the checkpoint's file into the tensor, no copy between
+                source.read_into(target[:len(source)].numpy())
+            else:
+                target[:len(source)].numpy()[...] = source
         self.frames_written, self.stored = int(state["frames_written"]), int(state["stored"])
 
 
@@ -1135,22 +1134,6 @@ def resume_run(args: Args, given: set, device: torch.device, run_dir: Path, fold
     return resume_newest(run_dir, folders, fit)
 
 
-def start_up_table(args: Args, device: torch.device, replay_bytes: int) -> str:
-    """The run's flags as they are in force: the defaults that follow other flags, "auto" and 0 resolved."""
-    on = switches(args, device)
-    auto = lambda name, value: ("on" if value else "off") + (" (auto)" if getattr(args, name) == "auto" else "")
-    resolved = dict(learn_start=args.transitions_before_learning, block=args.steps_per_transition,
-                    threads=torch_threads(args, device, learning=True), recipe=None,
-                    device=f"{device}" + (" (auto)" if args.device == "auto" else ""),
-                    compile=auto("compile", on.compile), overlap=auto("overlap", on.overlap),
-                    eval_beside=auto("eval_beside", on.eval_beside))
-    sections = {"run:": "episodes", "machine:": "env",
-                f"recipe {args.recipe} (flags given replace its values):": "recipe"}
-    return flags_in_force(args, resolved, sections) + (
-        f"\nreplay memory: {replay_bytes / 2**30:.2f} GiB on {device} "
-        f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)")
-
-
 def train(args: Args, given: set) -> dict:
     """Train until the budget is spent or a stop is asked for; returns the counters and a few figures. Every flag,
     the device and the run's folder are checked before anything is written, and the folder stays locked."""
@@ -1171,7 +1154,8 @@ def train(args: Args, given: set) -> dict:
             run_id = run_id or (config_of(run_dir) or {}).get("run_id") or new_run_id()
         else:
             (run, replay_bytes), run_id = build_run(args, device), new_run_id()
-        print(start_up_table(args, device, replay_bytes), flush=True)
+        print(start_up_table(args, device, switches(args, device), torch_threads(args, device, learning=True),
+                             replay_bytes), flush=True)
         config = dict(env=args.env, frames=args.frames, n_actions=len(run.games.actions), run_id=run_id,
                       args=dataclasses.asdict(args))
         writes, started = Writes(), True

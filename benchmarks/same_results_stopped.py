@@ -36,5 +36,6 @@ wa, wb = (torch.load(s, map_location="cpu", weights_only=True) for s in (sa, sb)
 diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
 print(f"snapshots: {os.path.basename(sa)} vs {os.path.basename(sb)}; tensors differing: {diff or 'none'}")
 ra, rb = rows(a), rows(b)
-print(f"metrics rows: {len(ra)} vs {len(rb)}; first differing row: {next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), 'none')}")
+first = next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), "none")
+print(f"metrics rows: {len(ra)} vs {len(rb)}; first differing row: {first}")
 print("same results" if os.path.basename(sa) == os.path.basename(sb) and not diff and ra == rb else "DIFFERENT results")

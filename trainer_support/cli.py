@@ -99,3 +99,19 @@ def flags_in_force(args, resolved: dict, sections: dict) -> str:
     starts = [names.index(first) for first in sections.values()] + [len(names)]
     return describe({title: {k: values[k] for k in names[start:end] if k in values}
                      for title, start, end in zip(sections, starts, starts[1:])})
+
+
+def start_up_table(args, device, on, threads: int, replay_bytes: int) -> str:
+    """train_breakout.py's flags (`args`) as they are in force: the defaults that follow other flags, "auto" (`on`:
+    device.Switches) and 0 (`threads`) resolved; then the replay memory's size."""
+    auto = lambda name, value: ("on" if value else "off") + (" (auto)" if getattr(args, name) == "auto" else "")
+    resolved = dict(learn_start=args.transitions_before_learning, block=args.steps_per_transition,
+                    threads=threads, recipe=None,
+                    device=f"{device}" + (" (auto)" if args.device == "auto" else ""),
+                    compile=auto("compile", on.compile), overlap=auto("overlap", on.overlap),
+                    eval_beside=auto("eval_beside", on.eval_beside))
+    sections = {"run:": "episodes", "machine:": "env",
+                f"recipe {args.recipe} (flags given replace its values):": "recipe"}
+    return flags_in_force(args, resolved, sections) + (
+        f"\nreplay memory: {replay_bytes / 2**30:.2f} GiB on {device} "
+        f"({replay_bytes / args.memory / 1024:.1f} KB per stored transition)")
