@@ -5,12 +5,10 @@ memory, and a run that survives being stopped.
     python train_breakout.py --episodes 600000 --memory 100000   # train (Ctrl-C saves; --resume goes on)
     python play.py checkpoints/600000.pth                         # watch the agent
 
-The file is the DQN, top to bottom: flags, preprocessing and frame stacking, the replay memory, the two
-transition rules, the network, exploration, the learning step and target update, evaluation, the run's state
-(declared once in `Run`: a full checkpoint saves and restores its fields) and the training loop, a handful of
-named steps over that state. The support code (the emulator, checkpoint files, the run's folder, the
-evaluations' process, logs, the curve, videos) is in trainer_support/, one module per concern; docs/ explains
-the recipe.
+The DQN, top to bottom: flags, preprocessing, frame stacking, the replay memory, the transition rules, the
+network, exploration, the learning step, evaluation, the run's state (declared once in `Run`, which a full
+checkpoint saves and restores field by field) and the loop, a handful of named steps over that state. The
+support code is in trainer_support/, a module per concern (docs/code.md); docs/recipes.md explains the recipe.
 """
 from __future__ import annotations
 
@@ -43,12 +41,13 @@ from trainer_support.checkpoint import (DamagedCheckpoint, load_rows, restore_st
                                         say_if_not_saved)
 from trainer_support.cli import (NOT_NEGATIVE, POSITIVE, UNIT, UserError, check_bounds, flag, flag_parser,  # noqa: E402
                                  run_command, start_up_table)
-from trainer_support.compiling import InUse, compiled, differences, greedy_disagreements  # noqa: E402
+from trainer_support.compiling import InUse, compare, compiled  # noqa: E402
 from trainer_support.device import (EVAL_BESIDE_CORES, Staging, check_memory_fits, pick_device, switches,  # noqa: E402
                                     threads_for, torch_threads)
-from trainer_support.curve import History, draw_curve  # noqa: E402
+from trainer_support.curve import History  # noqa: E402
 from trainer_support.files import Writes, save_snapshot, say_if_short_of_space, write_json  # noqa: E402
-from trainer_support.logs import Progress, RunLog, log_friendly_output  # noqa: E402
+from trainer_support.logs import LearningStats, Progress, RunLog, log_friendly_output  # noqa: E402
+from trainer_support.schedule import Every  # noqa: E402
 from trainer_support.run_folder import (check_run_folder, checkpoints_to_try, clear_leftovers, config_of,  # noqa: E402
                                         lock_run_folder, new_run_id, resume_newest, resumed_args, run_folder,
                                         unlock_run_folder)
@@ -75,7 +74,8 @@ class Args:
                                      POSITIVE, new_on_resume=True)
     save_every: int = flag(25_000, "save the target network as <episode>.pth every this many episodes",
                            POSITIVE, new_on_resume=True)
-    plot_every: int = flag(2_500, "redraw curve.png every this many episodes", POSITIVE, new_on_resume=True)
+    plot_every: int = flag(2_500, "redraw curve.png every this many episodes, at most once a minute", POSITIVE,
+                           new_on_resume=True)
     eval_every: int = flag(500_000, "agent steps between evaluations (0: never)", NOT_NEGATIVE, new_on_resume=True)
     eval_games: int = flag(10, "games per evaluation", POSITIVE, new_on_resume=True)
     eval_eps: float = flag(0.01, "epsilon during evaluation", UNIT, new_on_resume=True)
@@ -550,24 +550,6 @@ def soft_update(target: nn.Module, policy: nn.Module, tau: float) -> None:
         t.lerp_(p, tau)
 
 
-class LearningStats:
-    """Sums of the loss and mean Q since the last logged row, kept on the device until a row reads them."""
-
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(3, device=device)  # loss, mean Q, updates
-
-    def add(self, learned: Learned) -> None:
-        self.sums += torch.stack([learned.loss, learned.mean_q, torch.ones((), device=self.sums.device)])
-
-    def take(self) -> Learned:
-        """Mean loss and mean Q since the last call (None without updates), and start new sums."""
-        loss, mean_q, updates = self.sums.tolist()
-        if updates == 0:
-            return Learned(None, None)
-        self.sums.zero_()
-        return Learned(loss / updates, mean_q / updates)
-
-
 # ---- Evaluation: greedy-ish games on their own environment; the rows of metrics.csv and of curve.png.
 WALL_CLEARED = 432  # Breakout's first wall is 108 bricks; a game score of 432 means all of them are gone
 
@@ -640,26 +622,6 @@ class GameTracking:
     def new_games(cls, lives: np.ndarray) -> GameTracking:
         n = len(lives)
         return cls(lives, np.ones(n, bool), np.zeros(n), np.zeros(n), np.zeros(n, np.int64))
-
-
-@dataclass
-class Every:
-    """Periodic work, due at the multiples of `interval` of a count (episodes, steps, seconds); never at 0."""
-    interval: float
-    next: Optional[float]
-
-    @classmethod
-    def counting_from(cls, interval: float, count: float = 0) -> Every:
-        """Next due at the first multiple after `count`: a new interval given on resume counts from there."""
-        return cls(interval, (count // interval + 1) * interval if interval else None)
-
-    def passed(self, count: float) -> list:
-        """The due points `count` has reached, oldest first; the next one moves past `count`."""
-        points = []
-        while self.next is not None and count >= self.next:
-            points.append(self.next)
-            self.next += self.interval
-        return points
 
 
 @dataclass
@@ -756,10 +718,8 @@ def compiled_functions(run: Run, args: Args, device: torch.device):
 
 
 def compiled_mismatch(run: Run, args: Args, batch: Batch, loss_fn, greedy) -> Optional[str]:
-    """The compiled update and acting against the eager ones, on `batch` and the games' stacks: the loss, mean Q and
-    each gradient (not the optimiser's step: AdamW is not compiled, and its first step is about lr * sign(gradient),
-    which turns rounding into a large difference), and the greedy actions wherever the top two Q-values are not near
-    a tie. What differs beyond float rounding (TF32 on CUDA), or None. Changes nothing."""
+    """What differs between the compiled update and acting and the eager ones, on `batch` and the games' stacks,
+    beyond float rounding (compiling.compare), or None. Changes nothing."""
     policy, passes = run.policy_net, []
     try:
         for fn in (loss_fn, td_loss):
@@ -767,18 +727,11 @@ def compiled_mismatch(run: Run, args: Args, batch: Batch, loss_fn, greedy) -> Op
             passes.append((learned.loss.clone(), learned.mean_q.clone(), [p.grad.clone() for p in policy.parameters()]))
     finally:  # the next update starts from no gradients, whether the check ended or raised
         policy.zero_grad(set_to_none=True)
-    (loss_c, q_c, grads_c), (loss_e, q_e, grads_e) = passes
-    differ = differences([(f"the loss ({loss_c.item():.6g} against {loss_e.item():.6g})", loss_c, loss_e, 1e-3),
-                          (f"the mean Q ({q_c.item():.6g} against {q_e.item():.6g})", q_c, q_e, 1e-3)] +
-                         [(f"the gradient of {name}", c, e, 2e-2)
-                          for (name, _), c, e in zip(policy.named_parameters(), grads_c, grads_e)])
     with torch.no_grad():
         q = policy(as_input(run.stack.frames))
     with threads_for(args, batch.states.device, learning=False):
-        wrong = greedy_disagreements(q, greedy(policy, run.stack.frames))
-    if wrong:
-        differ.append(f"the greedy actions of {wrong} of {len(q)} games")
-    return "; ".join(differ[:3]) or None
+        actions = greedy(policy, run.stack.frames)
+    return compare(*passes, [name for name, _ in policy.named_parameters()], q, actions)
 
 
 class Session:
@@ -807,7 +760,6 @@ class Session:
         self.staging = Staging(device)  # the frames' upload
         self.evaluations = Helper("evaluations")  # the process evaluations play in beside training
         self.evaluating: Optional[Evaluation] = None  # the evaluation playing there now
-        self.curve_drawn = 0.0  # when curve.png was last drawn
         self.stop = StopRequest()  # last: train() gives the signals back from here on
         if TERMINATED_AT_START:
             self.stop.signal = "SIGTERM"
@@ -893,8 +845,8 @@ def learn(run: Run, session: Session) -> None:
             functions = session.functions
             if functions.unchecked:
                 functions.check(lambda loss_fn, greedy: compiled_mismatch(run, args, batch, loss_fn, greedy))
-            run.learning.add(td_update(run.policy_net, run.target_net, run.optimizer, batch, args.gamma,
-                                       args.n_step, args.double, functions.loss_fn, functions.failed))
+            run.learning.add(*td_update(run.policy_net, run.target_net, run.optimizer, batch, args.gamma,
+                                        args.n_step, args.double, functions.loss_fn, functions.failed))
             counters.updates += 1
         if count % args.target_every == 0:
             soft_update(run.target_net, run.policy_net, args.tau)
@@ -913,7 +865,7 @@ def record(run: Run, session: Session, outcome: Outcome) -> None:
         tracking.life_score[i] = 0
     for i in np.flatnonzero(outcome.game_over):
         counters.games += 1
-        learned = run.learning.take()
+        learned = Learned(*run.learning.take())
         if learned.loss is not None:
             run.history.learning.append([counters.steps, learned.loss, learned.mean_q])
         score, seconds = float(tracking.game_score[i]), session.elapsed()
@@ -942,23 +894,13 @@ def periodic_work(run: Run, session: Session) -> None:
     if run.curve.passed(counters.episodes):
         run.history.lives.append([counters.steps, counters.episodes, counters.life_sum / max(1, counters.life_count)])
         counters.life_sum, counters.life_count = 0.0, 0
-        if time.time() - session.curve_drawn >= CURVE_SECONDS:
-            draw_curve_now(run, session)
+        run.history.redraw(session.run_dir / "curve.png", session.args.env, session.writes, at_most_every=60)
     if session.evaluating is not None:
         collect_evaluation(run, session)
     if run.evaluations.passed(counters.steps):
         start_evaluation(run, session)
     if session.evaluating is None and session.checkpoint_due.passed(session.seconds()):
         save_checkpoint(run, session)
-
-
-CURVE_SECONDS = 60  # at most one redraw of curve.png a minute: each holds the loop 0.25 to 0.35 s (BENCHMARKS.md)
-
-
-def draw_curve_now(run: Run, session: Session) -> None:
-    path = session.run_dir / "curve.png"
-    session.writes(path, draw_curve, path, run.history.curve_data(), session.args.env)
-    session.curve_drawn = time.time()
 
 
 class Evaluation(NamedTuple):
@@ -1084,7 +1026,7 @@ def finish(run: Run, session: Session) -> None:
     session.evaluations.close(timeout=0)
     if spent:
         save_episode_snapshot(run, session, counters.episodes)
-        draw_curve_now(run, session)
+        run.history.redraw(run_dir / "curve.png", session.args.env, session.writes)
     if session.unsaved_best is not None:
         save_best(session)
     save_checkpoint(run, session)

@@ -58,7 +58,7 @@ def main() -> None:
                 run.history.games.append([i, i, float(score)])
             run.snapshots.next = run.curve.next = counters.episodes
             run.evaluations.next, session.checkpoint_due.next = counters.steps, session.seconds()
-            session.curve_drawn = 0.0  # the curve is drawn at most once a minute: due now
+            run.history.drawn = 0.0  # the curve is drawn at most once a minute: due now
             due["step"] = counters.steps
         started = time.perf_counter()
         periodic_work(run, session)

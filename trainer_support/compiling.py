@@ -63,18 +63,24 @@ class InUse:
         return self.eager_greedy(policy, stacks)
 
 
-def differences(found: list) -> list:
-    """Of (what, compiled result, eager result, tolerance), those whose relative difference is over the tolerance,
-    in words."""
-    return [f"{what} (relative difference {d:.2g})" for what, c, e, tolerance in found
-            if not (d := relative_difference(c, e)) <= tolerance]
-
-
-def greedy_disagreements(q: torch.Tensor, actions: torch.Tensor) -> int:
-    """Games whose `actions` are not the argmax of their Q-values `q`, among those whose top two are not near a tie."""
+def compare(compiled: tuple, eager: tuple, names: list, q: torch.Tensor, actions: torch.Tensor) -> Optional[str]:
+    """What differs between a compiled learning pass and an eager one, each (loss, mean Q, gradients of the
+    parameters `names`), and between compiled greedy `actions` and the argmax of the eager Q-values `q`, beyond
+    float rounding (TF32 on CUDA); or None. Not the optimiser's step: AdamW is not compiled, and its first step is
+    about lr * sign(gradient), which turns rounding into a large difference. Actions count only where the top two
+    Q-values are not near a tie."""
+    (loss_c, q_c, grads_c), (loss_e, q_e, grads_e) = compiled, eager
+    found = [(f"the loss ({loss_c.item():.6g} against {loss_e.item():.6g})", loss_c, loss_e, 1e-3),
+             (f"the mean Q ({q_c.item():.6g} against {q_e.item():.6g})", q_c, q_e, 1e-3)]
+    found += [(f"the gradient of {name}", c, e, 2e-2) for name, c, e in zip(names, grads_c, grads_e)]
+    differ = [f"{what} (relative difference {d:.2g})" for what, c, e, tolerance in found
+              if not (d := relative_difference(c, e)) <= tolerance]
     top2 = q.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * q.abs().max().clamp_min(1e-6)
-    return int(((actions != q.argmax(1)) & clear).sum())
+    wrong = int(((actions != q.argmax(1)) & clear).sum())
+    if wrong:
+        differ.append(f"the greedy actions of {wrong} of {len(q)} games")
+    return "; ".join(differ[:3]) or None
 
 
 def compile_failure(e: BaseException) -> str:

@@ -3,6 +3,7 @@ row at a time; at most CURVE_POINTS points a line, so that a redraw costs the sa
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ class History:
     ARRAYS = tuple(COLUMNS)  # a checkpoint's arrays
 
     def __init__(self, wall: float):
-        self.wall = wall  # the score of a cleared wall
+        self.wall, self.drawn = wall, 0.0  # the score of a cleared wall; when curve.png was last drawn
         for name, width in self.COLUMNS.items():
             setattr(self, name, Rows(width))
 
@@ -53,6 +54,13 @@ class History:
     def curve_data(self) -> dict:
         """What curve.png draws, thinned (curve_data)."""
         return curve_data(self.games.array, self.lives.array, self.evals.array, self.learning.array, self.wall)
+
+    def redraw(self, path: Path, title: str, writes, at_most_every: float = 0.0) -> None:
+        """curve.png through `writes` (files.Writes: a full disk is one warning); not within `at_most_every` seconds
+        of the last redraw (in the training loop a redraw holds it 0.25 to 0.35 s: BENCHMARKS.md)."""
+        if time.time() - self.drawn >= at_most_every:
+            writes(path, draw_curve, path, self.curve_data(), title)
+            self.drawn = time.time()
 
 
 def bins(n: int, points: int = CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:

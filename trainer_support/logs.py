@@ -1,5 +1,5 @@
 """What a run shows and keeps of its progress: the bar or progress lines, metrics.csv and TensorBoard (each a file
-that grows by whole records and survives a full disk)."""
+that grows by whole records and survives a full disk), and the learning figures a row reads."""
 from __future__ import annotations
 
 import csv
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
 from tqdm import tqdm
 
 from .files import Writes, write_atomically
@@ -249,3 +250,21 @@ class RunLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class LearningStats:
+    """Sums of the loss and mean Q since the last logged row, kept on the device until a row reads them."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, device=device)  # loss, mean Q, updates
+
+    def add(self, loss: torch.Tensor, mean_q: torch.Tensor) -> None:
+        self.sums += torch.stack([loss, mean_q, torch.ones((), device=self.sums.device)])
+
+    def take(self) -> tuple:
+        """Mean loss and mean Q since the last call ((None, None) without updates), and start new sums."""
+        loss, mean_q, updates = self.sums.tolist()
+        if updates == 0:
+            return None, None
+        self.sums.zero_()
+        return loss / updates, mean_q / updates
