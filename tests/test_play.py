@@ -6,7 +6,6 @@ import argparse
 import ctypes
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -456,7 +455,7 @@ def test_window_shows_the_game_upscaled_with_the_score_at_real_speed(xvfb, tutor
     seconds, shot = seconds_on_screen(xvfb, title, proc)
     out, err = proc.communicate()
     assert proc.returncode == 0, err
-    assert re.search(r"game 1: score \d+, 120 steps", out), out
+    assert "game 1: score 0, 120 steps" in out
     assert shot is not None and shot.shape == (630, 480, 3)  # 210x160 upscaled 3x, nothing else in the window
     assert len(np.unique(shot.reshape(-1, 3), axis=0)) >= 8
     assert (shot[180:190] == [200, 72, 72]).all(axis=-1).mean() > 0.8  # the red bricks, in RGB order
