@@ -497,9 +497,9 @@ def lives_starting(games, fire: Optional[int], need_fire: np.ndarray, ended: np.
 
 # ---- Learning step: one gradient update of the policy network on a uniform batch.
 class Learned(NamedTuple):
-    """The Huber loss and mean Q of an update (device tensors), or since the last logged row (floats or None)."""
-    loss: torch.Tensor | Optional[float]
-    mean_q: torch.Tensor | Optional[float]
+    """The Huber loss and mean Q of an update, as device tensors (no host round trip)."""
+    loss: torch.Tensor
+    mean_q: torch.Tensor
 
 
 def td_loss(policy: nn.Module, target: nn.Module, batch: Batch, discount: float, double: bool) -> Learned:
@@ -865,14 +865,14 @@ def record(run: Run, session: Session, outcome: Outcome) -> None:
         tracking.life_score[i] = 0
     for i in np.flatnonzero(outcome.game_over):
         counters.games += 1
-        learned = Learned(*run.learning.take())
-        if learned.loss is not None:
-            run.history.learning.append([counters.steps, learned.loss, learned.mean_q])
+        loss, mean_q = run.learning.take()  # means since the last row; None without updates
+        if loss is not None:
+            run.history.learning.append([counters.steps, loss, mean_q])
         score, seconds = float(tracking.game_score[i]), session.elapsed()
         run.history.games.append([counters.steps, seconds, score])  # the real score, before clipping
         session.log.row(kind="game", step=counters.steps, seconds=seconds, episode=counters.episodes, score=score,
                         lives_lost=int(tracking.lives_lost[i]), epsilon=epsilon(counters.steps, session.args),
-                        loss=learned.loss, mean_q=learned.mean_q, steps_per_s=session.progress.steps_per_s,
+                        loss=loss, mean_q=mean_q, steps_per_s=session.progress.steps_per_s,
                         replay_fill=len(run.replay) / session.args.memory)
         tracking.game_score[i], tracking.lives_lost[i] = 0, 0
     session.progress.show(session.done(counters), counters.steps,
