@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -35,7 +34,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from trainer_support.atari import OneGame, VectorGames, ale_settings, fire_action, make_games  # noqa: E402
+from trainer_support.atari import (OneGame, VectorGames, ale_settings, cores_in_use, fire_action,  # noqa: E402
+                                   make_games)
 from trainer_support.background import Helper, StopRequest, frozen  # noqa: E402
 from trainer_support.checkpoint import (DamagedCheckpoint, load_rows, restore_state, save_full_checkpoint,  # noqa: E402
                                         say_if_not_saved)
@@ -43,7 +43,7 @@ from trainer_support.cli import (NOT_NEGATIVE, POSITIVE, UNIT, UserError, check_
                                  run_command, start_up_table)
 from trainer_support.compiling import InUse, compare, compiled  # noqa: E402
 from trainer_support.device import (EVAL_BESIDE_CORES, Staging, check_memory_fits, pick_device, switches,  # noqa: E402
-                                    threads_for, torch_threads)
+                                    threads_for, torch_threads, usable_cores)
 from trainer_support.curve import History  # noqa: E402
 from trainer_support.files import Writes, save_snapshot, say_if_short_of_space, write_json  # noqa: E402
 from trainer_support.logs import LearningStats, Progress, RunLog, log_friendly_output  # noqa: E402
@@ -88,7 +88,7 @@ class Args:
                                  new_on_resume=True)
     # The machine
     env: str = flag("ALE/Breakout-v5", "Gymnasium id of any ALE game")
-    envs: int = flag(min(max(16, os.cpu_count() or 1), 64), "games stepped together; 1 steps one gym.make environment",
+    envs: int = flag(min(max(16, usable_cores()), 64), "games stepped together; 1 steps one gym.make environment",
                      POSITIVE)
     device: str = flag("auto", "where to learn and keep the replay memory", new_on_resume=True,
                        choices=["auto", "cpu", "cuda", "mps"])
@@ -170,6 +170,11 @@ SIZE = 84
 ERASE_TRIES, ERASE_P, ERASE_H, ERASE_W, ERASE_ROWS, ERASE_COLS = 10, 0.1, 4, 10, (10, 25), (0, 70)
 
 
+# OpenCV's own threads wait for work by spinning, on the cores the games' threads are pinned to; on one thread
+# the frames take as long and the games step faster (BENCHMARKS.md, "The loop at the emulator's speed").
+cv2.setNumThreads(1)
+
+
 def preprocess_all(screens: np.ndarray, erase_rng: Optional[np.random.Generator],
                    screen_lut: Optional[np.ndarray] = None) -> np.ndarray:
     """Screens (RGB, or greyscale through `screen_lut`) to (N,84,84) uint8, erased when `erase_rng` is given."""
@@ -179,8 +184,8 @@ def preprocess_all(screens: np.ndarray, erase_rng: Optional[np.random.Generator]
         # weights expect it. One call for the whole batch, stacked as one tall image.
         grey = cv2.cvtColor(screens.reshape(n * 210, 160, 3), cv2.COLOR_BGR2GRAY).reshape(n, 210, 160)
         cropped = grey[:, 32:, 8:152]
-    else:
-        cropped = cv2.LUT(screens.reshape(n * 210, 160), screen_lut).reshape(n, 210, 160)[:, 32:, 8:152]
+    else:  # the rows below the score only, each game's a row of one image
+        cropped = cv2.LUT(screens.reshape(n, 210 * 160)[:, 32 * 160:], screen_lut).reshape(n, 178, 160)[:, :, 8:152]
     frames = np.empty((n, SIZE, SIZE), np.uint8)
     for i in range(n):  # one image at a time: a tall stack of them resizes with slightly different rounding
         cv2.resize(cropped[i], (SIZE, SIZE), dst=frames[i])  # bilinear, cv2's default
@@ -205,11 +210,13 @@ class FrameStack:
     def __len__(self) -> int:
         return self.ring.shape[0]
 
-    def push(self, frames: torch.Tensor, new_game) -> None:
-        """One frame per game; `new_game` (bool per game) marks the first frame of a game."""
+    def push(self, frames: torch.Tensor, new_game: np.ndarray) -> None:
+        """One frame per game; `new_game` (bool per game, on the host) marks the first frame of a game, whose
+        older frames are cleared: no work at all in the steps where no game starts, most of them."""
         self.newest = (self.newest - 1) % self.ring.shape[1]
-        new_game = torch.as_tensor(new_game, device=self.ring.device)
-        self.ring.masked_fill_(new_game.view(-1, 1, 1, 1), 0)
+        if new_game.any():
+            starting = torch.from_numpy(np.flatnonzero(new_game)).to(self.ring.device, non_blocking=True)
+            self.ring.index_fill_(0, starting, 0)
         self.ring[:, self.newest] = frames
 
     @property
@@ -818,9 +825,9 @@ def step_games(run: Run, session: Session) -> Outcome:
     frames = preprocess_all(screens, erase_rng(run, args), run.games.screen_lut)
     n = len(frames)  # frames and new-game flags go up together, in one copy
     up = session.staging(np.concatenate([frames.reshape(n, -1), game_over.reshape(n, 1).astype(np.uint8)], 1))
-    frames, new_game = up[:, :-1].view(n, SIZE, SIZE), up[:, -1].bool()
-    run.replay.add_frames(frames, new_game)
-    run.stack.push(frames, new_game)
+    frames = up[:, :-1].view(n, SIZE, SIZE)
+    run.replay.add_frames(frames, up[:, -1].bool())
+    run.stack.push(frames, game_over)
     return Outcome(state_slot, learn_reward, done, game_over)
 
 
@@ -925,17 +932,22 @@ def start_evaluation(run: Run, session: Session) -> None:
     evaluation = Evaluation(counters.steps, counters.episodes, session.elapsed(), counters.evals,
                             frozen(run.policy_net.state_dict()))
     video = str(session.run_dir / "videos" / f"eval-{evaluation.step:012d}.mp4") if args.capture_video else None
-    settings = (evaluation.weights, args.env, args.eval_games, args.eval_eps, args.frames, session.device,
+    settings = (evaluation.weights, args.env, args.eval_games, args.eval_eps, args.frames,
                 args.seed + 7919 * evaluation.number, video)
-    threads = max(2, (os.cpu_count() or 1) // EVAL_BESIDE_CORES)
-    if session.switches.eval_beside and session.evaluations.submit(evaluate_weights, *settings, threads):
+    # Beside training the games play on the CPU: a second CUDA context would take GPU memory the memory check does
+    # not count, and a GPU in exclusive-process mode (common on clusters) refuses it.
+    threads = max(2, usable_cores() // EVAL_BESIDE_CORES)
+    if session.switches.eval_beside and session.evaluations.submit(evaluate_weights, *settings, CPU, threads):
         session.evaluating = evaluation
     else:
-        record_evaluation(run, session, evaluation, evaluate_weights(*settings))
+        record_evaluation(run, session, evaluation, evaluate_weights(*settings, session.device))
 
 
-def evaluate_weights(weights: dict, env_id: str, games: int, eps: float, depth: int, device: torch.device,
-                     seed: int, video: Optional[str], threads: Optional[int] = None) -> dict:
+CPU = torch.device("cpu")
+
+
+def evaluate_weights(weights: dict, env_id: str, games: int, eps: float, depth: int, seed: int,
+                     video: Optional[str], device: torch.device, threads: Optional[int] = None) -> dict:
     """evaluate() of `weights`; in the evaluations' process (`threads` given): unpinned games, one torch thread."""
     if threads is not None:
         torch.set_num_threads(1)
@@ -1034,11 +1046,12 @@ def finish(run: Run, session: Session) -> None:
     run.games.close()
     say_if_not_saved(run_dir / "resume", f"{counters.steps:012d}")
     if session.stop.signal is not None:  # the last two lines: a requeue (docs/clusters.md, Slurm) looks for them
-        print(f"stopped by {session.stop.signal} at episode {counters.episodes}, agent step {counters.steps}; "
-              f"continue with:\n  python train_breakout.py --resume --checkpoints {run_dir}")
+        print(f"stopped by {session.stop.signal} at episode {counters.episodes}, agent step {counters.steps}"
+              f"{session.functions.outcome()}; continue with:\n  python train_breakout.py --resume --checkpoints {run_dir}")
     else:
         print(f"done: {counters.episodes} episodes, {counters.steps} agent steps, {counters.updates} updates in "
-              f"{session.elapsed() / 60:.1f} minutes; snapshot {run_dir / (str(counters.episodes) + '.pth')}")
+              f"{session.elapsed() / 60:.1f} minutes{session.functions.outcome()}; snapshot "
+              f"{run_dir / (str(counters.episodes) + '.pth')}")
 
 
 def build_run(args: Args, device: torch.device) -> tuple[Run, int]:
@@ -1096,8 +1109,9 @@ def train(args: Args, given: set) -> dict:
             run_id = run_id or (config_of(run_dir) or {}).get("run_id") or new_run_id()
         else:
             (run, replay_bytes), run_id = build_run(args, device), new_run_id()
-        print(start_up_table(args, device, switches(args, device), torch_threads(args, device, learning=True),
-                             replay_bytes), flush=True)
+        learning_threads = torch_threads(args, device, learning=True)
+        print(start_up_table(args, device, switches(args, device), learning_threads, replay_bytes) + "\n"
+              + cores_in_use(args.envs, learning_threads), flush=True)
         config = dict(env=args.env, frames=args.frames, n_actions=len(run.games.actions), run_id=run_id,
                       args=dataclasses.asdict(args))
         writes, started = Writes(), True

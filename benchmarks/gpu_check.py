@@ -1,17 +1,20 @@
 #!/usr/bin/env python
-"""Every path that only runs on CUDA, checked in one command on the first GPU lent: one PASS/FAIL/SKIP line per
-path, then the throughput table, then a summary line; exit status 1 if a check failed. At most --minutes (8) on
-one H100/H200 with 16 cores; a part that would not fit in the time left is skipped, with a line.
+"""Every path that only runs on CUDA, checked in one command on the first GPU lent, most important first: the
+first check (uploads that must not wait for the GPU), then the question a GPU is lent for (the default run's speed
+while learning, beside the tutorial's loop), then one PASS/FAIL/SKIP line per path, then each GPU mechanism
+changed on its own, the loop's own work beside the emulator, and seconds per update. A summary line ends it; exit
+status 1 if a check failed. At most --minutes (8) on one H100/H200 with 16 cores; a part that would not fit in the
+time left is skipped, with a line. --out DIR keeps the whole record there.
 
-    python benchmarks/gpu_check.py                # a GPU box (installs nothing; BENCHMARKS.md names the wheels)
+    python benchmarks/gpu_check.py --out "$OUT"   # a GPU box (installs nothing; BENCHMARKS.md names the wheels)
     python benchmarks/gpu_check.py --dry          # the same checks on CPU, small: the tests run this
 
 Checks: pinned staging while GPU work is queued; the compile warm-up, then the loop's first real update with no
 compile and no CUDA-graph recording; compiled against eager; the overlapped loop learning, with checkpoints
 written in the loop and an evaluation in the spawned process, then --resume; a CPU checkpoint resumed on the
-GPU; a replay memory too big for the GPU refused before anything is written; play.py on the GPU. Then agent
-steps/s learning off and on, beside the tutorial's loop, for --envs 16/32/64, games pinned to every core, to
-all but one, or not pinned; seconds per update eager and compiled.
+GPU; a replay memory too big for the GPU refused before anything is written; play.py on the GPU. Mechanisms,
+each changed alone in the default run: --overlap off, --compile off, games not pinned, pinned staging off,
+evaluations beside training.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -28,6 +30,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from trainer_support.device import Staging, threads_for  # noqa: E402
+from trainer_support.device import Staging, threads_for, usable_cores  # noqa: E402
 import throughput  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
@@ -82,8 +85,9 @@ def problems(out: str) -> list:
 
 
 def check_staging(device: torch.device) -> str:
-    """Uploads through the two pinned buffers while a long GPU job is queued: each returns before the job ends,
-    and every upload arrives whole, though the buffers are rewritten while earlier copies may still be queued."""
+    """Uploads through the two pinned buffers while a long GPU job is queued. The first two (one per buffer) must
+    return before the job ends: that is what the buffers are for. A buffer is written again only once its last
+    copy is done, so the third waits behind the queued job, by design; every upload must arrive whole."""
     staging = Staging(device)
     queued = torch.randn((4096, 4096) if device.type == "cuda" else (256, 256), device=device)
     if device.type == "cuda":
@@ -92,14 +96,16 @@ def check_staging(device: torch.device) -> str:
     for _ in range(40 if device.type == "cuda" else 1):  # about 0.1 s of work on an H100, queued at once
         queued = queued @ queued / 64
     arrays = [np.random.default_rng(i).integers(0, 256, (16, 84 * 84 + 1), dtype=np.uint8) for i in range(6)]
-    uploaded = [staging(a) for a in arrays]
+    uploaded = [staging(a) for a in arrays[:2]]
     returned = time.perf_counter() - started
+    uploaded += [staging(a) for a in arrays[2:]]
     same = all(np.array_equal(u.cpu().numpy(), a) for u, a in zip(uploaded, arrays))
     waited = time.perf_counter() - started
     assert same, "an upload arrived changed"
     if device.type == "cuda":
         assert returned < 0.5 * waited, f"the uploads waited for the queued work ({returned:.3f} of {waited:.3f} s)"
-    return f"6 uploads returned in {returned * 1e3:.1f} ms, the queued work took {waited * 1e3:.1f} ms; all whole"
+    return (f"2 uploads returned in {returned * 1e3:.1f} ms, the queued work took {waited * 1e3:.1f} ms; all 6 "
+            "arrived whole")
 
 
 def small_run(args: tb.Args, device: torch.device) -> tb.Run:
@@ -112,9 +118,9 @@ def small_run(args: tb.Args, device: torch.device) -> tb.Run:
         run.games.send(actions)
         screens, reward, terminated, truncated, lives = run.games.recv()
         frames = torch.from_numpy(tb.preprocess_all(screens, None, run.games.screen_lut)).to(device)
-        ended = torch.from_numpy(terminated | truncated).to(device)
+        ended = terminated | truncated
         slot = (run.replay.frames_written - 1) % run.replay.slots
-        run.replay.add_frames(frames, ended)
+        run.replay.add_frames(frames, torch.from_numpy(ended).to(device))
         run.stack.push(frames, ended)
         run.transitions.store(run.replay, slot, actions, np.clip(reward, -1, 1).astype(np.float32),
                               terminated | truncated)
@@ -214,50 +220,107 @@ def check_play(device: str, found: dict) -> str:
     return f"{snapshot.name}: {done.stdout.strip().splitlines()[-1][:200]}"
 
 
-def throughput_table(device: torch.device, dry: bool, check: Check, tutorial_path: Path) -> None:
-    """Agent steps/s of whole runs (learning off; on, the tutorial's rule at batch 256), for each --envs and
-    pinning, beside the tutorial's loop; seconds per update. Rows that would not fit the time left are skipped."""
-    steps, learn_start = (6000, 300) if dry else (100_000, 2000)
-    rate = lambda r: r["steps"] / r["session_seconds"]
-    print(f"{'games':>5} | {'pinning':<16} | {'learning off':>12} | {'learning on':>11} | updates", flush=True)
-    rows = {}
-    for envs in ((16,) if dry else (16, 32, 64)):
-        for how in throughput.PINNING:
-            if check.left() < (20 if dry else 75):
-                print(f"{envs:>5} | {how:<16} | skipped: {check.left():.0f} s left", flush=True)
-                continue
-            common = ["--steps", str(steps), "--memory", str(5 * steps // 6), "--envs", str(envs), "--device",
-                      device.type, "--seed", "1", "--batch-size", "32" if dry else "256"]
-            with throughput.games_pinned(how):
-                off = throughput.run_trainer(common + ["--learn-start", str(10**12)])
-                on = throughput.run_trainer(common + ["--learn-start", str(learn_start)])
-            rows[envs, how] = rate(on)
-            print(f"{envs:>5} | {how:<16} | {rate(off):>12.1f} | {rate(on):>11.1f} | {on['updates']}", flush=True)
+def learning_flags(device: torch.device, dry: bool, steps: int, envs: Optional[int] = None) -> list:
+    """A whole run learning by the tutorial's rule (batch 256) from a small --learn-start: the default run, timed."""
+    return ["--steps", str(steps), "--memory", str(5 * steps // 6), "--envs", str(envs or (4 if dry else 16)),
+            "--device", device.type, "--seed", "1", "--batch-size", "32" if dry else "256",
+            "--learn-start", "200" if dry else "2000"]
+
+
+def rate(result: dict) -> float:
+    return result["steps"] / result["session_seconds"]
+
+
+def fifty_x(device: torch.device, dry: bool, check: Check, tutorial_path: Path, figures: dict) -> None:
+    """The question a GPU is lent for, first: agent steps/s of the default run while learning, beside the tutorial's
+    loop's (the 50x question)."""
+    if check.left() < (20 if dry else 150):
+        return check.line("SKIP", "the default run beside the tutorial's loop", f"{check.left():.0f} s left")
+    started = time.time()
     tutorial = float("nan")
-    if tutorial_path.exists() and not dry and check.left() > 90:
+    if tutorial_path.exists() and not dry:
         tutorial = throughput.tutorial_learning_rate(tutorial_path, 4000, 20000, 200)[0]
-    best = max(rows.values(), default=float("nan"))
-    print(f"the tutorial's loop while learning: {tutorial:.1f} steps/s; the best learning-on row: {best:.1f} "
-          f"({best / tutorial:.1f}x)", flush=True)
+    ours = throughput.run_trainer(learning_flags(device, dry, 1500 if dry else 100_000))
+    figures.update(tutorial=tutorial, default=rate(ours), default_updates=ours["updates"])
+    check.line("INFO", "the default run beside the tutorial's loop",
+               f"{rate(ours):.1f} agent steps/s learning ({ours['updates']} updates), the tutorial's loop "
+               f"{tutorial:.1f}: {rate(ours) / tutorial:.1f}x [{time.time() - started:.1f} s]")
+
+
+@contextlib.contextmanager
+def staging_off():
+    """Uploads as plain copies from pageable memory, which wait for the GPU's queued work: the pinned staging off."""
+    call = Staging.__call__
+    Staging.__call__ = lambda self, array: torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+    try:
+        yield
+    finally:
+        Staging.__call__ = call
+
+
+def mechanism_runs(steps: int) -> dict:
+    """Each GPU mechanism off (or, for evaluations beside training, on), one at a time: {name: (flags, context)}."""
+    return {"default": ([], contextlib.nullcontext),
+            "--overlap off": (["--overlap", "off"], contextlib.nullcontext),
+            "--compile off": (["--compile", "off"], contextlib.nullcontext),
+            "games not pinned": ([], lambda: throughput.games_pinned("not pinned")),
+            "pinned staging off": ([], staging_off),
+            "3 evaluations beside": (["--eval-every", str(steps // 3), "--eval-games", "4", "--eval-beside", "on"],
+                                     contextlib.nullcontext)}
+
+
+def mechanisms(device: torch.device, dry: bool, check: Check, figures: dict) -> None:
+    """The default run with each mechanism changed on its own, beside the default run measured again."""
+    steps = 1500 if dry else 50_000
+    needs = 10 if dry else 45
+    print(f"{'run, learning (' + str(steps) + ' agent steps)':<40} | {'steps/s':>8} | share of the default", flush=True)
+    base = None
+    for name, (flags, context) in mechanism_runs(steps).items():
+        if check.left() < needs:
+            print(f"{name:<40} | skipped: {check.left():.0f} s left", flush=True)
+            continue
+        with context():
+            result = throughput.run_trainer(learning_flags(device, dry, steps) + flags)
+        base = base or rate(result)
+        figures[f"mechanism/{name}"] = rate(result)
+        print(f"{name:<40} | {rate(result):>8.1f} | {rate(result) / base:.2f}", flush=True)
+
+
+def loop_share(device: torch.device, dry: bool, check: Check, figures: dict) -> None:
+    """The emulator alone beside the trainer with learning off, at 16 and 64 games: what the loop's own work costs."""
+    steps = 1500 if dry else 60_000
+    for envs in (4,) if dry else (16, 64):
+        if check.left() < (10 if dry else 40):
+            print(f"learning off, {envs} games: skipped, {check.left():.0f} s left", flush=True)
+            continue
+        off = throughput.run_trainer(learning_flags(device, dry, steps, envs)[:-2] + ["--learn-start", str(10**12)])
+        alone = throughput.emulator_steps_per_s("ALE/Breakout-v5", envs, seconds=1 if dry else 8)
+        figures[f"off/{envs}"], figures[f"emulator/{envs}"] = rate(off), alone
+        print(f"learning off, {envs} games: {rate(off):.1f} agent steps/s, the emulator alone {alone:.1f}: "
+              f"{rate(off) / alone:.0%}", flush=True)
+
+
+def update_seconds(device: torch.device, dry: bool, check: Check, figures: dict) -> None:
     batch = 32 if dry else 256
     if check.left() > 30:
         eager = throughput.seconds_per_update(device, batch, 6, compiled=False)
         compiled = throughput.seconds_per_update(device, batch, 6, compiled=True)
+        figures.update(update_eager=eager, update_compiled=compiled)
         print(f"seconds per update (sample + learn), batch {batch}: eager {eager:.5f}, compiled {compiled:.5f}",
               flush=True)
-    if check.left() > 20:  # the trainer's unmeasured choices: channels-last, cuDNN's autotuner off
-        layouts = {}
-        for channels_last, autotune in ((True, False), (False, False), (True, True), (False, True)):
-            with throughput.network_layout(channels_last, autotune):
-                layouts[channels_last, autotune] = throughput.seconds_per_update(device, batch, 6, compiled=False)
-        print("seconds per eager update: " + ", ".join(
-            f"{'channels-last' if c else 'contiguous'}{' + cudnn.benchmark' if t else ''} {v:.5f}"
-            for (c, t), v in layouts.items()), flush=True)
-        joined, apart = (throughput.upload_seconds(device, 16, joined) for joined in (True, False))
-        print(f"frame upload per agent step, 16 games: joined with the new-game flags {joined * 1e6:.0f} us, as "
-              f"two copies {apart * 1e6:.0f} us", flush=True)
-    print("table: " + json.dumps({f"{e}/{h}": round(v, 1) for (e, h), v in rows.items()}
-                                 | {"tutorial": round(tutorial, 1)}), flush=True)
+
+
+class Tee(io.TextIOBase):
+    """Everything printed, also written to a file (--out): the full record comes back from the device."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+        return len(text)
 
 
 def main() -> int:
@@ -265,23 +328,28 @@ def main() -> int:
     p.add_argument("--dry", action="store_true", help="run the checks on CPU, small (what the tests run)")
     p.add_argument("--minutes", type=float, default=8.0, help="time for everything; parts that would not fit "
                    "are skipped")
-    p.add_argument("--no-table", action="store_true", help="the checks only")
+    p.add_argument("--no-table", action="store_true", help="the checks only, no figures")
+    p.add_argument("--out", type=Path, help="a folder for the whole record: gpu_check.log and gpu_check.json")
     p.add_argument("--tutorial", default=str(ROOT.parent / "shared/bench/tutorial_loop.py"),
                    help="the tutorial's loop, measured beside ours (left out where the file is missing)")
     a = p.parse_args()
     if not a.dry and not torch.cuda.is_available():
         print("error: no CUDA device here; --dry runs the checks on CPU", file=sys.stderr)
         return 2
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        sys.stdout = Tee(sys.__stdout__, open(a.out / "gpu_check.log", "w"))
     device = torch.device("cpu" if a.dry else "cuda")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as the trainer sets it
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else throughput.cpu_model()
-    print(f"gpu_check on {device} ({name}; PyTorch {torch.__version__}; {os.cpu_count()} cores)",
-          flush=True)
-    check, found = Check(60 * a.minutes), {}
+    print(f"gpu_check on {device} ({name}; PyTorch {torch.__version__}; {usable_cores()} cores)", flush=True)
+    check, found, figures = Check(60 * a.minutes), {}, {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()) as noise:
         tmp = Path(tmp)
         check("pinned staging under queued work", 5, lambda: check_staging(device))
+        if not a.no_table:
+            fifty_x(device, a.dry, check, Path(a.tutorial), figures)
         check("warm-up, then the first real update", 20 if a.dry else 120,
               lambda: check_compile(device, 4 if a.dry else 16, found))
         check("compiled against eager", 5, lambda: check_compiled_against_eager(found))
@@ -294,10 +362,15 @@ def main() -> int:
         check("a replay memory too big is refused", 10, lambda: check_memory_refusal(tmp, device.type))
         check("play.py on the device", 10, lambda: check_play(device.type, found))
         if not a.no_table:
-            throughput_table(device, a.dry, check, Path(a.tutorial))
+            mechanisms(device, a.dry, check, figures)
+            loop_share(device, a.dry, check, figures)
+            update_seconds(device, a.dry, check, figures)
     if "FAIL" in check.outcomes and noise.getvalue().strip():
         print("stderr of the failed checks (last lines):\n" + "\n".join(noise.getvalue().strip().splitlines()[-8:]))
     counts = {o: check.outcomes.count(o) for o in ("PASS", "FAIL", "SKIP")}
+    if a.out:
+        (a.out / "gpu_check.json").write_text(json.dumps(dict(device=name, outcomes=counts, figures=figures,
+                                                              stderr=noise.getvalue()[-20000:]), indent=1))
     print(f"gpu_check: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped on {name} in "
           f"{60 * a.minutes - check.left():.0f} s", flush=True)
     return 1 if counts["FAIL"] else 0

@@ -37,8 +37,8 @@ from trainer_support import atari  # noqa: E402
 def run_trainer(flags: list[str]) -> dict:
     """One real training run in a throw-away folder; its own output is swallowed."""
     with tempfile.TemporaryDirectory() as tmp:
-        args, given = tb.parse_args(flags + ["--checkpoints", str(Path(tmp) / "run"), "--eval-every", "0",
-                                             "--save-every", "1000000000", "--plot-every", "1000000000"])
+        args, given = tb.parse_args(["--eval-every", "0", "--save-every", "1000000000", "--plot-every", "1000000000"]
+                                    + flags + ["--checkpoints", str(Path(tmp) / "run")])
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return tb.train(args, given)
 

@@ -3,6 +3,7 @@ long run; the replay memory's frames written a chunk at a time; a second stop wh
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import signal
@@ -203,3 +204,20 @@ def test_a_helper_leaves_ctrl_c_and_sigterm_to_the_trainer_even_while_it_starts(
         helper.close(timeout=5)
         signal.signal(signal.SIGTERM, previous)
     assert held == ["trainer"]
+
+
+def test_a_helper_whose_jobs_keep_raising_hands_its_work_to_the_loop_with_one_note(capsys):
+    """A job that raises in the helper (say, a GPU in exclusive-process mode refusing the process a context) fails
+    the same way every time: after FAILURES in a row, the caller does the work, and says so once."""
+    helper = Helper("evaluations")
+    try:
+        assert helper.submit(math.sqrt, 4.0) and helper.poll(wait=True) == (True, 2.0)
+        for _ in range(Helper.FAILURES):
+            assert helper.submit(math.sqrt, -1.0) is True
+            assert helper.poll(wait=True) == (False, "ValueError: math domain error")
+        assert helper.submit(math.sqrt, 4.0) is False and helper.submit(math.sqrt, 4.0) is False
+        notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+        assert notes == ["note: the evaluations' process failed 3 times in a row (last: ValueError: math domain "
+                         "error); the training loop does its work from now on"]
+    finally:
+        helper.close(timeout=0)

@@ -257,7 +257,7 @@ def test_a_helper_comes_back_after_kill_9_and_one_that_keeps_dying_hands_its_wor
         assert run(kill_myself) == (False, "its process died; the next one starts another")
         again = run(os.getpid)
         assert again[0] and again[1] != first[1]  # a new process
-        for _ in range(Helper.DEATHS):
+        for _ in range(Helper.FAILURES):
             assert not run(kill_myself)[0]
         assert helper.submit(os.getpid) is False  # the caller does the work from now on
         assert "the evaluations' process died 3 times in a row" in capsys.readouterr().out

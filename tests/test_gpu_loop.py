@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from trainer_support.checkpoint import load_checkpoint  # noqa: E402
+from trainer_support.device import check_memory_fits  # noqa: E402
 import train_breakout as tb  # noqa: E402
 
 
@@ -115,6 +117,26 @@ def test_a_compiled_update_that_gives_other_results_is_caught_before_the_first_u
     assert result["updates"] > 0 and sorted((run / "resume").iterdir())[-1].name == f"{300:012d}"
     losses = [float(r["loss"]) for r in metrics_rows(run) if r["loss"]]
     assert losses and np.isfinite(losses).all()
+    assert "compiling was given up" in out.strip().splitlines()[-1]
+
+
+def test_a_compiled_update_off_by_tf32_rounding_keeps_compiling_and_the_last_line_says_so(tmp_path, in_process,
+                                                                                          capsys, monkeypatch):
+    """TF32 on a GPU moves the loss, Q-values and gradients by about 1e-4 of their size: no reason to give up
+    compiling (the check once compared an AdamW step, which turns such rounding into a difference of 0.1)."""
+    noise = torch.Generator().manual_seed(0)
+
+    def rounded(fn, **_):  # a "compiled" td_loss whose loss and Q carry 1e-4 relative noise, as do its gradients
+        def off(*a):
+            loss, q = fn(*a)
+            wobble = 1 + 1e-4 * (2 * torch.rand(2, generator=noise) - 1)
+            return tb.Learned(loss * wobble[0], q * wobble[1])
+        return off if fn is tb.td_loss else fn
+    monkeypatch.setattr(torch, "compile", rounded)
+    result = tb.train(*tb.parse_args(flags_of_a_short_compiled_run(tmp_path / "run")))
+    out = capsys.readouterr().out
+    assert "without compiling" not in out and result["updates"] > 0
+    assert out.strip().splitlines()[-1].startswith("done: ") and "; compiling held; " in out.strip().splitlines()[-1]
 
 
 def test_a_compiled_call_that_fails_in_the_loop_is_one_line_and_the_update_is_made_eagerly(tmp_path, in_process,
@@ -173,3 +195,17 @@ def test_the_device_check_runs_its_checks_on_cpu():
         "SKIP a CPU checkpoint resumed on the device", "PASS a replay memory too big is refused",
         "PASS play.py on the device"]
     assert lines[-1].startswith("gpu_check: 6 passed, 0 failed, 1 skipped on ")
+
+
+def test_the_gpu_memory_check_counts_pytorchs_cache_as_free_and_keeps_room_beside_the_replay_memory(monkeypatch):
+    """A checkpoint that failed to restore leaves its replay memory in PyTorch's cache: the fallback to the one
+    before it must see that memory as free. And a run needs about a GiB beside its replay memory."""
+    GiB, cached = 2**30, [3 * 2**30]
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: cached.__setitem__(0, 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GiB - cached[0], 80 * GiB))
+    cuda = torch.device("cuda")
+    check_memory_fits(int(7.5 * GiB), cuda)  # 7 GiB were free before the cache was emptied
+    cached[0] = 3 * GiB
+    with pytest.raises(tb.UserError, match=r"needs 8\.5 GiB and 1 GiB beside it, but only 10\.0 GiB of free GPU "
+                                           r"memory is left; lower --memory"):
+        check_memory_fits(int(8.5 * GiB), cuda)  # under 90% of what is free, but not with the room beside it

@@ -3,10 +3,15 @@ fail as they fail there, and a run still trains, writes full checkpoints and res
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -21,8 +26,10 @@ RECIPE = ["--envs", "1", "--seed", "3", "--memory", "300", "--batch-size", "32",
 
 
 def as_windows(monkeypatch) -> None:
-    """No os.sysconf; a folder cannot be opened as a file (os.open raises PermissionError)."""
+    """No os.sysconf, no os.sched_getaffinity (psutil reads the affinity); a folder cannot be opened as a file
+    (os.open raises PermissionError)."""
     monkeypatch.delattr(os, "sysconf")
+    monkeypatch.delattr(os, "sched_getaffinity")
     real_open = os.open
 
     def windows_open(path, flags, *args, **kwargs):
@@ -34,11 +41,13 @@ def as_windows(monkeypatch) -> None:
 
 
 def as_macos(monkeypatch) -> None:
-    """os.sysconf knows no SC_AVPHYS_PAGES (nor, here, any other name)."""
+    """os.sysconf knows no SC_AVPHYS_PAGES (nor, here, any other name); no CPU affinity at all."""
     def sysconf(name):
         raise ValueError("unrecognized configuration name")
 
     monkeypatch.setattr(os, "sysconf", sysconf)
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.delattr(psutil.Process, "cpu_affinity")
 
 
 def checkpoints(run: Path) -> list:
@@ -94,3 +103,30 @@ def test_ctrl_break_on_windows_asks_for_a_stop_as_ctrl_c_does(monkeypatch):
     finally:
         stop.restore()
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.skipif(not shutil.which("taskset") or len(os.sched_getaffinity(0)) < 2, reason="needs taskset, 2 CPUs")
+def test_a_trainer_given_one_cpu_runs_every_thread_on_it(tmp_path):
+    """A scheduler gives a job some CPUs of a large node (Slurm's --cpus-per-task, taskset): the games' threads,
+    torch's and their pinning follow that share, not the machine's core count."""
+    command = ["taskset", "-c", "0", sys.executable, str(ROOT / "train_breakout.py"), "--checkpoints",
+               str(tmp_path / "run"), "--envs", "4", "--memory", "500", "--learn-start", "50", "--batch-size", "16",
+               "--eval-every", "0", "--steps", "100000", "--device", "cpu"]
+    trainer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("cores:"):
+            lines.append(trainer.stdout.readline())
+            assert lines[-1], "".join(lines)
+        time.sleep(3)  # learning has begun, with torch's threads
+        threads = {int(t): os.sched_getaffinity(int(t)) for t in os.listdir(f"/proc/{trainer.pid}/task")}
+        trainer.send_signal(signal.SIGTERM)
+        out = "".join(lines) + trainer.communicate(timeout=120)[0]
+    finally:
+        trainer.kill()
+    machine = os.cpu_count()
+    assert (f"cores: 1 of the machine's {machine} (this process's CPU affinity); games on 1 thread, pinned from "
+            "core 0; torch on 1 thread") in out
+    assert re.search(r"--threads 1\b", out)
+    assert all(cpus == {0} for cpus in threads.values()), threads
+    assert trainer.returncode == 0 and "stopped by SIGTERM" in out, out[-2000:]

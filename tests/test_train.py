@@ -139,15 +139,15 @@ def test_frame_stack_is_newest_first_cleared_by_a_new_game_and_kept_over_a_lost_
     stack = tb.FrameStack(2, 4, CPU)
     plain = lambda *v: torch.tensor(v, dtype=torch.uint8).view(-1, 1, 1).expand(-1, 84, 84)
     ids = lambda: stack.frames[:, :, 0, 0].tolist()
-    stack.push(plain(1, 11), torch.tensor([True, True]))
+    stack.push(plain(1, 11), np.array([True, True]))
     assert ids() == [[1, 0, 0, 0], [11, 0, 0, 0]]
-    stack.push(plain(2, 12), torch.tensor([False, False]))
-    stack.push(plain(3, 13), torch.tensor([False, False]))
+    stack.push(plain(2, 12), np.array([False, False]))
+    stack.push(plain(3, 13), np.array([False, False]))
     assert ids() == [[3, 2, 1, 0], [13, 12, 11, 0]]
     # Game 0 lost a life (no new game): its frames stay. Game 1 started a new game: only the new frame.
-    stack.push(plain(4, 21), torch.tensor([False, True]))
+    stack.push(plain(4, 21), np.array([False, True]))
     assert ids() == [[4, 3, 2, 1], [21, 0, 0, 0]]
-    stack.push(plain(5, 22), torch.tensor([False, False]))
+    stack.push(plain(5, 22), np.array([False, False]))
     assert ids() == [[5, 4, 3, 2], [22, 21, 0, 0]]
     assert stack.frames.shape == (2, 4, 84, 84) and stack.frames.dtype == torch.uint8
 

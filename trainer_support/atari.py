@@ -11,6 +11,7 @@ import numpy as np
 
 from .checkpoint import CannotRestore
 from .cli import UserError
+from .device import usable_cores, usable_cpus
 
 
 # Breakout draws with nine colours of the emulator's palette. ALE's own greyscale of each (0.2989 R +
@@ -49,7 +50,28 @@ PIN_GAMES, SPARE_CORES = True, 0  # the trainer's games: one thread pinned per c
 
 
 def game_cores() -> int:
-    return max(1, (os.cpu_count() or 1) - SPARE_CORES)
+    """Threads for the games: one per core this process may use (usable_cpus), less those left to the loop."""
+    return max(1, usable_cores() - SPARE_CORES)
+
+
+def first_pinned_core() -> int:
+    """The core the games' first thread is pinned to, the next ones following; -1: not pinned. ale-py pins thread
+    i to core offset + i of the whole machine, so only cores that are one unbroken range can be followed; pinned
+    outside this process's share (a scheduler's), the games would crowd other jobs' cores."""
+    cpus = usable_cpus()
+    if not PIN_GAMES or cpus != list(range(cpus[0], cpus[0] + len(cpus))):
+        return -1
+    return cpus[0] + len(cpus) - game_cores()
+
+
+def cores_in_use(envs: int, torch_threads: int) -> str:
+    """The start-up table's line on this process's share of the CPUs and the threads it runs on them."""
+    cpus, machine = usable_cores(), os.cpu_count() or 1
+    share = f"{cpus} of the machine's {machine} (this process's CPU affinity)" if cpus < machine else f"all {cpus}"
+    first, threads = first_pinned_core(), lambda k: f"{k} thread" + "s" * (k != 1)
+    games = ("one game, stepped by the loop" if envs == 1 else f"games on {threads(min(envs, game_cores()))}, "
+             + (f"pinned from core {first}" if first >= 0 else "not pinned"))
+    return f"cores: {share}; {games}; torch on {threads(torch_threads)}"
 
 
 class VectorGames:
@@ -61,13 +83,13 @@ class VectorGames:
         import ale_py
         s = ale_settings(env_id)
         self.screen_lut = breakout_grey_lut() if s["game"] == "breakout" and not rgb else None
-        pinned_from = (os.cpu_count() or 1) - game_cores() if threads is None and PIN_GAMES else -1  # -1: not pinned
         self.env = ale_py.AtariVectorEnv(
             s["game"], n, frameskip=s["frameskip"], repeat_action_probability=s["repeat_action_probability"],
             max_num_frames_per_episode=s["max_num_frames_per_episode"], img_height=210, img_width=160,
             grayscale=self.screen_lut is not None, stack_num=1, maxpool=False, noop_max=0, reward_clipping=False,
             use_fire_reset=False, episodic_life=False, autoreset_mode="SameStep",
-            num_threads=min(n, threads or game_cores()), thread_affinity_offset=pinned_from)
+            num_threads=min(n, threads or game_cores()),
+            thread_affinity_offset=first_pinned_core() if threads is None else -1)
         self.actions = list(self.env.ale.get_action_set())
         self.seed = seed % (2**31 - n + 1)  # game i gets seed + i, which the emulator takes as a 32-bit int
 

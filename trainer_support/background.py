@@ -78,16 +78,17 @@ def _helper_started(precision: tuple) -> None:
 class Helper:
     """One spawned process (a fork of a process holding CUDA or threads is unsafe) that runs one job at a time
     while the loop goes on, started at its first job and started again after it died (the OOM killer, kill -9).
-    Where no process can start, or it died DEATHS times in a row, `submit` says so once and returns False from then
-    on: the caller does the work."""
+    Where no process can start, or its jobs failed FAILURES times in a row (the process died, or the job raised:
+    something the process lacks), `submit` says so once and returns False from then on: the caller does the work."""
 
-    DEATHS = 3
+    FAILURES = 3
+    DIED = "its process died"
 
     def __init__(self, name: str):
         self.name = name
         self.pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
         self.failed = False
-        self.deaths = 0  # jobs in a row whose process died
+        self.failures: list[str] = []  # how the last jobs failed, in a row
         self.current: Optional[concurrent.futures.Future] = None  # the job handed to the process last
 
     @property
@@ -96,9 +97,10 @@ class Helper:
 
     def submit(self, work, *args) -> bool:
         """Start `work(*args)` in the process; False where the caller must do it itself."""
-        if not self.failed and self.deaths >= self.DEATHS:
-            tqdm.write(f"note: the {self.process} died {self.deaths} times in a row (out of memory?); "
-                       "the training loop does its work from now on")
+        if not self.failed and len(self.failures) >= self.FAILURES:
+            how = ("died" if all(f == self.DIED for f in self.failures) else "failed") + f" {len(self.failures)} times"
+            tqdm.write(f"note: the {self.process} {how} in a row (last: {self.failures[-1]}); the training loop "
+                       "does its work from now on")
             self.failed = True
         if self.failed:
             return False
@@ -117,7 +119,7 @@ class Helper:
                     return True
                 except BrokenProcessPool:  # its process died while it had no job: start another
                     self._end_process()
-                    self.deaths += 1
+                    self.failures.append(self.DIED)
                     if attempt:
                         raise
         except (OSError, RuntimeError) as e:
@@ -133,12 +135,14 @@ class Helper:
             return None
         self.current = None
         try:
-            outcome, self.deaths = (True, job.result()), 0
+            outcome, self.failures = (True, job.result()), []
         except BrokenProcessPool:
-            outcome, self.deaths = (False, "its process died; the next one starts another"), self.deaths + 1
+            outcome = (False, f"{self.DIED}; the next one starts another")
+            self.failures.append(self.DIED)
             self._end_process()
         except Exception as e:  # anything the job raised: the caller reports it
-            outcome, self.deaths = (False, f"{type(e).__name__}: {e}"), 0
+            outcome = (False, f"{type(e).__name__}: {e}")
+            self.failures.append(outcome[1])
         return outcome
 
     def close(self, timeout: float) -> None:

@@ -23,7 +23,17 @@ def compiled(functions: tuple, cuda: bool, warm_up) -> Optional[tuple]:
         print(f"note: torch.compile failed ({compile_failure(e)}); going on without compiling", flush=True)
         return None
     print(f"compiled the learning update and acting in {time.time() - started:.0f} s", flush=True)
+    skipped = cuda_graphs_skipped()
+    if skipped:  # each compiled call then runs kernel by kernel: correct, and slower
+        print(f"note: CUDA graphs were not recorded for {skipped} of the compiled functions' graphs "
+              "(TORCH_LOGS=perf_hints says why); the compiled calls run without them", flush=True)
     return functions
+
+
+def cuda_graphs_skipped() -> int:
+    """How many compiled graphs torch.compile's reduce-overhead mode ran without recording a CUDA graph."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"].get("cudagraph_skips", 0)
 
 
 class InUse:
@@ -33,12 +43,20 @@ class InUse:
     def __init__(self, eager_loss, eager_greedy, compiled: Optional[tuple], greedy_when_eager=None):
         self.eager_loss, self.eager_greedy = eager_loss, eager_greedy
         self.loss_fn, self.greedy = compiled or (eager_loss, greedy_when_eager)
-        self.unchecked = compiled is not None
+        self.unchecked = self.compiled = compiled is not None
+        self.given_up: Optional[str] = None  # why compiling was given up, if it was
 
     def give_up(self, why: str) -> None:
         """One line, and the eager functions from here on (acting on every game, as the compiled one did)."""
         tqdm.write(f"note: {why}; training goes on without compiling")
         self.loss_fn, self.greedy, self.unchecked = self.eager_loss, self.eager_greedy, False
+        self.given_up = self.given_up or why
+
+    def outcome(self) -> str:
+        """For the run's last line: whether compiling held, where it was on."""
+        if not self.compiled:
+            return ""
+        return "; compiling held" if self.given_up is None else "; compiling was given up (see the note above)"
 
     def check(self, mismatch) -> None:
         """`mismatch(loss_fn, greedy)`: what differs between the compiled functions and the eager ones, or None."""

@@ -40,15 +40,22 @@ class Staging:
         return on_device.view(torch.from_numpy(array[:0]).dtype).view(array.shape)
 
 
+# What a run holds on a GPU besides its replay memory: networks, optimiser, batches, CUDA-graph pools and cuDNN's
+# workspace (a few hundred MB at the tutorial's sizes), with room to spare.
+GPU_BESIDE_REPLAY = 2**30
+
+
 def check_memory_fits(needed: int, device: torch.device) -> None:
-    """Refuse, before allocating, a replay memory the device cannot hold."""
+    """Refuse, before allocating, a replay memory the device cannot hold with what a run needs beside it."""
     if device.type == "cuda":
-        free, where = torch.cuda.mem_get_info(device)[0], "free GPU memory"
+        torch.cuda.empty_cache()  # PyTorch's cache (a replay memory given up for an older checkpoint) is free to us
+        free, where, beside = torch.cuda.mem_get_info(device)[0], "free GPU memory", GPU_BESIDE_REPLAY
     else:  # the CPU, or Apple's MPS, which shares the machine's RAM; psutil asks each system its own way
-        free, where = psutil.virtual_memory().available, "available RAM"
-    if needed > 0.9 * free:
-        raise UserError(f"the replay memory needs {needed / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB of "
-                        f"{where} is left; lower --memory")
+        free, where, beside = psutil.virtual_memory().available, "available RAM", 0
+    if needed + beside > 0.9 * free:
+        also = f" and {beside / 2**30:.0f} GiB beside it" if beside else ""
+        raise UserError(f"the replay memory needs {needed / 2**30:.1f} GiB{also}, but only {free / 2**30:.1f} GiB "
+                        f"of {where} is left; lower --memory")
 
 
 def pick_device(name: str) -> torch.device:
@@ -65,7 +72,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# ---- What the flags' "auto" means on this machine (args: train_breakout.Args).
+# ---- This process's share of the machine, and what the flags' "auto" means on it (args: train_breakout.Args).
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on: its affinity mask (a scheduler's share of a node, taskset), not the
+    machine's; every CPU where the system keeps no mask (macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    try:
+        return sorted(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):
+        return list(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    return len(usable_cpus())
+
+
 EVAL_BESIDE_CORES = 8  # --eval-beside auto: the cores from which an evaluation plays beside training
 
 
@@ -77,15 +99,15 @@ class Switches(NamedTuple):
 
 
 def switches(args, device: torch.device) -> Switches:
-    cuda, cores = device.type == "cuda", os.cpu_count() or 1
+    cuda, cores = device.type == "cuda", usable_cores()
     pick = lambda flag, auto: flag == "on" or (flag == "auto" and auto)
     return Switches(overlap=pick(args.overlap, cuda and args.envs > 1), compile=pick(args.compile, cuda),
                     eval_beside=pick(args.eval_beside, cores >= EVAL_BESIDE_CORES))
 
 
 def torch_threads(args, device: torch.device, learning: bool) -> int:
-    """All cores for learning; one for acting on CPU, where more only fight ale-py's threads for the cores."""
-    return (args.threads or os.cpu_count() or 1) if learning or device.type != "cpu" else 1
+    """All usable cores for learning; one for acting on CPU, where more only fight ale-py's threads for the cores."""
+    return (args.threads or usable_cores()) if learning or device.type != "cpu" else 1
 
 
 @contextlib.contextmanager
