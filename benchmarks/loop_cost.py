@@ -3,6 +3,7 @@
 
     python benchmarks/loop_cost.py --envs 16 64                  # this checkout
     python benchmarks/loop_cost.py --trainer /tmp/base --envs 16  # another checkout of the trainer
+    python benchmarks/loop_cost.py --pause-us 1500                # what an idle gap between steps costs the games
 
 For each --envs: the emulator alone (the trainer's own games, threads and pinning, random actions) and the trainer
 with learning off take turns, --rounds times each; their median agent steps per second, and the trainer's as a
@@ -42,7 +43,9 @@ def trainer_rate(tb, envs: int, steps: int) -> dict:
             return tb.train(args, given)
 
 
-def emulator_rate(atari, envs: int, seconds: float) -> float:
+def emulator_rate(atari, envs: int, seconds: float, pause: float = 0.0) -> float:
+    """The games alone, random actions; with `pause`, the thread spins that many seconds between steps, as the
+    loop's own work would hold it (no memory traffic: what an idle gap of that length costs the games)."""
     games = atari.VectorGames("ALE/Breakout-v5", envs, seed=1)
     games.reset()
     actions = [np.random.default_rng(i).integers(len(games.actions), size=envs) for i in range(64)]
@@ -50,6 +53,9 @@ def emulator_rate(atari, envs: int, seconds: float) -> float:
     while time.perf_counter() - start < seconds:
         games.step(actions[steps % 64])
         steps += 1
+        paused = time.perf_counter()
+        while time.perf_counter() - paused < pause:
+            pass
     rate = steps * envs / (time.perf_counter() - start)
     games.close()
     return rate
@@ -77,8 +83,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40_000, help="agent steps of each trainer run")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--top", type=int, default=12, help="functions listed from the profile")
+    p.add_argument("--pause-us", type=float, default=None, help="instead: the games alone, with and without a "
+                   "pause of this many microseconds between steps")
     a = p.parse_args()
     tb, atari = load_trainer(a.trainer)
+    if a.pause_us is not None:
+        for envs in a.envs:
+            for _ in range(a.rounds):
+                alone, paused = (emulator_rate(atari, envs, 10, pause) for pause in (0, a.pause_us / 1e6))
+                print(f"{envs} games: {1e6 * envs / alone:,.0f} us per step alone; with a pause of {a.pause_us:,.0f} "
+                      f"us, {1e6 * envs / paused:,.0f} us per step ({1e6 * envs / paused - 1e6 * envs / alone:,.0f} "
+                      "us more)")
+        return
     rows = []
     for envs in a.envs:
         emulator, trainer = [], []

@@ -29,7 +29,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from trainer_support.device import pick_device  # noqa: E402
+from trainer_support.device import pick_device, usable_cores  # noqa: E402
 import train_breakout as tb  # noqa: E402
 from trainer_support import atari  # noqa: E402
 
@@ -124,7 +124,7 @@ def seconds_per_update(device: torch.device, batch_size: int, frames: int, compi
 def tutorial_loop(path: Path, steps: int, memory: int, learn_start: int) -> dict:
     """The tutorial's loop as a separate process (it uses CUDA when it sees it): its closing line's figures."""
     out = subprocess.run([sys.executable, str(path), "--steps", str(steps), "--memory", str(memory),
-                          "--learn-start", str(learn_start), "--threads", str(os.cpu_count() or 1)],
+                          "--learn-start", str(learn_start), "--threads", str(usable_cores())],
                          capture_output=True, text=True, check=True).stdout
     return {k: float(v) for k, v in (kv.split("=", 1) for kv in out.strip().splitlines()[-1].split()[1:])}
 
@@ -150,7 +150,7 @@ def tutorial_unmeasurable(steps: int, memory: int, learn_start: int) -> str | No
 
 
 def emulator_steps_per_s(env_id: str, games: int, seconds: float = 5.0) -> float:
-    """The ceiling: ale-py's vector environment alone, as the trainer configures it, random actions."""
+    """The ceiling: ale-py's vector environment alone, as the trainer builds it (threads, pinning), random actions."""
     env = atari.VectorGames(env_id, games, seed=1)
     env.reset()
     actions = [np.random.default_rng(i).integers(len(env.actions), size=games) for i in range(64)]
@@ -198,25 +198,25 @@ def main() -> None:
     common = ["--steps", str(steps), "--memory", str(a.memory), "--envs", str(a.envs), "--device", a.device,
               "--seed", "1"]
     rule = common + ["--batch-size", str(a.batch_size)]
-    ceiling = emulator_steps_per_s("ALE/Breakout-v5", a.envs) if a.envs > 1 else float("nan")
     rate = lambda r: r["steps"] / r["session_seconds"]
-    with games_pinned(a.pin):
+    with games_pinned(a.pin):  # the emulator alone: the trainer's own games, threads and pinning
+        ceiling = emulator_steps_per_s("ALE/Breakout-v5", a.envs) if a.envs > 1 else float("nan")
         off = run_trainer(rule + ["--learn-start", str(10**15)])
         on = run_trainer(rule + ["--learn-start", str(a.learn_start)])
         plain = run_trainer(rule + ["--learn-start", str(a.learn_start), "--compile", "off", "--overlap", "off"])
         fast = run_trainer(common + ["--recipe", "fast", "--learn-start", str(a.learn_start)])
-    torch.set_num_threads(os.cpu_count() or 1)  # the trainer learns with every core
+    torch.set_num_threads(usable_cores())  # the trainer learns with every core it may use
     eager_update = seconds_per_update(device, a.batch_size, 6, compiled=False)
     compiled_update = seconds_per_update(device, a.batch_size, 6, compiled=True)
     bytes_per_transition = tb.ReplayMemory.bytes_needed(a.memory, a.envs, 6, 6) // a.memory
     gpu = torch.cuda.get_device_name(device) if cuda else "none"
-    rows = [("device", f"{device}; GPU: {gpu}; CPU: {cpu_model()}, {os.cpu_count()} cores"),
+    rows = [("device", f"{device}; GPU: {gpu}; CPU: {cpu_model()}, {usable_cores()} cores"),
             ("games stepped together", f"{a.envs}, their threads pinned to {a.pin}"),
             ("agent steps per run (tutorial's loop)", f"{steps} ({a.tutorial_steps})"),
             ("steps/s, the tutorial's loop, while learning", f"{tutorial_on:.1f} ({tutorial_updates:.0f} updates)"
              if tutorial_updates != "-" else "left out"),
             ("steps/s, emulator alone (ceiling)", f"{ceiling:.1f}"),
-            ("steps/s, learning off", f"{rate(off):.1f}"),
+            ("steps/s, learning off", f"{rate(off):.1f} ({rate(off) / ceiling:.0%} of the emulator alone)"),
             ("steps/s, learning on", f"{rate(on):.1f} ({on['updates']} updates)"),
             ("  ... beside the tutorial's loop", f"{rate(on) / tutorial_on:.1f}x"),
             ("steps/s, learning on, not compiled, in turn", f"{rate(plain):.1f} ({plain['updates']} updates)"),
@@ -228,6 +228,7 @@ def main() -> None:
     for k, v in rows:
         print(f"{k:>44} | {v}")
     print(f"steps_per_s={rate(on):.1f} tutorial_steps_per_s={tutorial_on:.1f} off_steps_per_s={rate(off):.1f} "
+          f"emulator_steps_per_s={ceiling:.1f} "
           f"fast_steps_per_s={rate(fast):.1f} update_s={compiled_update:.5f} bytes_per_transition={bytes_per_transition}")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -182,19 +183,28 @@ def test_a_damaged_compile_cache_is_one_line_that_says_how_to_clear_it(tmp_path)
     assert "Traceback" not in second.stdout + second.stderr
 
 
-def test_the_device_check_runs_its_checks_on_cpu():
-    """benchmarks/gpu_check.py is the one command the first GPU lent runs: its --dry mode keeps every check working
-    on CPU between loans (the timings it prints there mean nothing)."""
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry", "--no-table"],
-                          capture_output=True, text=True, timeout=600)
+def test_the_device_check_runs_its_checks_on_cpu_most_important_first_and_keeps_its_record(tmp_path):
+    """benchmarks/gpu_check.py is the one command the first GPU lent runs: its --dry mode keeps every check and
+    measurement working on CPU between loans (the timings it prints there mean nothing), in the order a short loan
+    needs: the first check, the default run beside the tutorial's loop, the checks, then the figures."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout + done.stderr
-    assert [line.split(":")[0] for line in lines if line.startswith(("PASS", "FAIL", "SKIP"))] == [
-        "PASS pinned staging under queued work", "PASS warm-up, then the first real update",
+    assert [line.split(":")[0] for line in lines if line.startswith(("PASS", "FAIL", "SKIP", "INFO"))] == [
+        "PASS pinned staging under queued work", "INFO the default run beside the tutorial's loop",
+        "PASS warm-up, then the first real update",
         "PASS compiled against eager", "PASS overlapped loop, checkpoints in the loop, evaluation beside, resume",
         "SKIP a CPU checkpoint resumed on the device", "PASS a replay memory too big is refused",
         "PASS play.py on the device"]
+    mechanisms = [line.split("|")[0].strip() for line in lines if line.count("|") == 2][1:]
+    assert mechanisms == ["default", "--overlap off", "--compile off", "games not pinned", "pinned staging off",
+                          "3 evaluations beside"]
+    assert any(line.startswith("learning off, 4 games:") for line in lines)
     assert lines[-1].startswith("gpu_check: 6 passed, 0 failed, 1 skipped on ")
+    assert (tmp_path / "gpu_check.log").read_text().splitlines() == lines
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert record["outcomes"] == {"PASS": 6, "FAIL": 0, "SKIP": 1} and "mechanism/pinned staging off" in record["figures"]
 
 
 def test_the_gpu_memory_check_counts_pytorchs_cache_as_free_and_keeps_room_beside_the_replay_memory(monkeypatch):
