@@ -224,7 +224,7 @@ def learning_flags(device: torch.device, dry: bool, steps: int, envs: Optional[i
     """A whole run learning by the tutorial's rule (batch 256) from a small --learn-start: the default run, timed."""
     return ["--steps", str(steps), "--memory", str(5 * steps // 6), "--envs", str(envs or (4 if dry else 16)),
             "--device", device.type, "--seed", "1", "--batch-size", "32" if dry else "256",
-            "--learn-start", "200" if dry else "2000"]
+            "--learn-start", "50" if dry else "2000"]
 
 
 def rate(result: dict) -> float:
@@ -240,11 +240,12 @@ def fifty_x(device: torch.device, dry: bool, check: Check, tutorial_path: Path, 
     tutorial = float("nan")
     if tutorial_path.exists() and not dry:
         tutorial = throughput.tutorial_learning_rate(tutorial_path, 4000, 20000, 200)[0]
-    ours = throughput.run_trainer(learning_flags(device, dry, 1500 if dry else 100_000))
+    ours = throughput.run_trainer(learning_flags(device, dry, 800 if dry else 100_000))
     figures.update(tutorial=tutorial, default=rate(ours), default_updates=ours["updates"])
-    check.line("INFO", "the default run beside the tutorial's loop",
-               f"{rate(ours):.1f} agent steps/s learning ({ours['updates']} updates), the tutorial's loop "
-               f"{tutorial:.1f}: {rate(ours) / tutorial:.1f}x [{time.time() - started:.1f} s]")
+    beside = (f"the tutorial's loop {tutorial:.1f}: {rate(ours) / tutorial:.1f}x" if tutorial == tutorial else
+              "the tutorial's loop left out (--dry, or its file is missing)")
+    check.line("INFO", "the default run beside the tutorial's loop", f"{rate(ours):.1f} agent steps/s learning "
+               f"({ours['updates']} updates), {beside} [{time.time() - started:.1f} s]")
 
 
 @contextlib.contextmanager
@@ -271,7 +272,7 @@ def mechanism_runs(steps: int) -> dict:
 
 def mechanisms(device: torch.device, dry: bool, check: Check, figures: dict) -> None:
     """The default run with each mechanism changed on its own, beside the default run measured again."""
-    steps = 1500 if dry else 50_000
+    steps = 800 if dry else 50_000
     needs = 10 if dry else 45
     print(f"{'run, learning (' + str(steps) + ' agent steps)':<40} | {'steps/s':>8} | share of the default", flush=True)
     base = None
@@ -288,7 +289,7 @@ def mechanisms(device: torch.device, dry: bool, check: Check, figures: dict) -> 
 
 def loop_share(device: torch.device, dry: bool, check: Check, figures: dict) -> None:
     """The emulator alone beside the trainer with learning off, at 16 and 64 games: what the loop's own work costs."""
-    steps = 1500 if dry else 60_000
+    steps = 800 if dry else 60_000
     for envs in (4,) if dry else (16, 64):
         if check.left() < (10 if dry else 40):
             print(f"learning off, {envs} games: skipped, {check.left():.0f} s left", flush=True)
@@ -301,8 +302,9 @@ def loop_share(device: torch.device, dry: bool, check: Check, figures: dict) -> 
 
 
 def update_seconds(device: torch.device, dry: bool, check: Check, figures: dict) -> None:
-    batch = 32 if dry else 256
-    if check.left() > 30:
+    """Seconds per update, eager and compiled (not in --dry: compiling on a CPU takes most of a minute)."""
+    batch = 256
+    if not dry and check.left() > 30:
         eager = throughput.seconds_per_update(device, batch, 6, compiled=False)
         compiled = throughput.seconds_per_update(device, batch, 6, compiled=True)
         figures.update(update_eager=eager, update_compiled=compiled)
