@@ -222,9 +222,9 @@ def check_play(device: str, found: dict) -> str:
 
 def learning_flags(device: torch.device, dry: bool, steps: int, envs: Optional[int] = None) -> list:
     """A whole run learning by the tutorial's rule (batch 256) from a small --learn-start: the default run, timed."""
-    return ["--steps", str(steps), "--memory", str(5 * steps // 6), "--envs", str(envs or (4 if dry else 16)),
+    return ["--steps", str(steps), "--memory", str(5 * steps // 6), "--envs", str(envs or (2 if dry else 16)),
             "--device", device.type, "--seed", "1", "--batch-size", "32" if dry else "256",
-            "--learn-start", "50" if dry else "2000"]
+            "--learn-start", "30" if dry else "2000"]
 
 
 def rate(result: dict) -> float:
@@ -240,7 +240,7 @@ def fifty_x(device: torch.device, dry: bool, check: Check, tutorial_path: Path, 
     tutorial = float("nan")
     if tutorial_path.exists() and not dry:
         tutorial = throughput.tutorial_learning_rate(tutorial_path, 4000, 20000, 200)[0]
-    ours = throughput.run_trainer(learning_flags(device, dry, 800 if dry else 100_000))
+    ours = throughput.run_trainer(learning_flags(device, dry, 400 if dry else 100_000))
     figures.update(tutorial=tutorial, default=rate(ours), default_updates=ours["updates"])
     beside = (f"the tutorial's loop {tutorial:.1f}: {rate(ours) / tutorial:.1f}x" if tutorial == tutorial else
               "the tutorial's loop left out (--dry, or its file is missing)")
@@ -266,13 +266,13 @@ def mechanism_runs(steps: int) -> dict:
             "--compile off": (["--compile", "off"], contextlib.nullcontext),
             "games not pinned": ([], lambda: throughput.games_pinned("not pinned")),
             "pinned staging off": ([], staging_off),
-            "3 evaluations beside": (["--eval-every", str(steps // 3), "--eval-games", "4", "--eval-beside", "on"],
+            "3 evaluations beside": (["--eval-every", str(steps // 3), "--eval-games", "2", "--eval-beside", "on"],
                                      contextlib.nullcontext)}
 
 
 def mechanisms(device: torch.device, dry: bool, check: Check, figures: dict) -> None:
     """The default run with each mechanism changed on its own, beside the default run measured again."""
-    steps = 800 if dry else 50_000
+    steps = 400 if dry else 50_000
     needs = 10 if dry else 45
     print(f"{'run, learning (' + str(steps) + ' agent steps)':<40} | {'steps/s':>8} | share of the default", flush=True)
     base = None
@@ -289,8 +289,8 @@ def mechanisms(device: torch.device, dry: bool, check: Check, figures: dict) -> 
 
 def loop_share(device: torch.device, dry: bool, check: Check, figures: dict) -> None:
     """The emulator alone beside the trainer with learning off, at 16 and 64 games: what the loop's own work costs."""
-    steps = 800 if dry else 60_000
-    for envs in (4,) if dry else (16, 64):
+    steps = 400 if dry else 60_000
+    for envs in (2,) if dry else (16, 64):
         if check.left() < (10 if dry else 40):
             print(f"learning off, {envs} games: skipped, {check.left():.0f} s left", flush=True)
             continue

@@ -43,10 +43,11 @@ def trainer_rate(tb, envs: int, steps: int) -> dict:
             return tb.train(args, given)
 
 
-def emulator_rate(atari, envs: int, seconds: float, pause: float = 0.0) -> float:
-    """The games alone, random actions; with `pause`, the thread spins that many seconds between steps, as the
-    loop's own work would hold it (no memory traffic: what an idle gap of that length costs the games)."""
-    games = atari.VectorGames("ALE/Breakout-v5", envs, seed=1)
+def emulator_rate(atari, envs: int, seconds: float, pause: float = 0.0, env_id: str = "ALE/Breakout-v5") -> float:
+    """The games alone (`atari`: the trainer's trainer_support.atari), random actions; with `pause`, the thread spins
+    that many seconds between steps, as the loop's own work would hold it (no memory traffic: what an idle gap of
+    that length costs the games)."""
+    games = atari.VectorGames(env_id, envs, seed=1)
     games.reset()
     actions = [np.random.default_rng(i).integers(len(games.actions), size=envs) for i in range(64)]
     steps, start = 0, time.perf_counter()

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer_support.device import pick_device, usable_cores  # noqa: E402
 import train_breakout as tb  # noqa: E402
 from trainer_support import atari  # noqa: E402
+import loop_cost  # noqa: E402  (benchmarks/, beside this file)
 
 
 def run_trainer(flags: list[str]) -> dict:
@@ -151,16 +152,7 @@ def tutorial_unmeasurable(steps: int, memory: int, learn_start: int) -> str | No
 
 def emulator_steps_per_s(env_id: str, games: int, seconds: float = 5.0) -> float:
     """The ceiling: ale-py's vector environment alone, as the trainer builds it (threads, pinning), random actions."""
-    env = atari.VectorGames(env_id, games, seed=1)
-    env.reset()
-    actions = [np.random.default_rng(i).integers(len(env.actions), size=games) for i in range(64)]
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        env.step(actions[steps % 64])
-        steps += 1
-    rate = steps * games / (time.perf_counter() - start)
-    env.close()
-    return rate
+    return loop_cost.emulator_rate(atari, games, seconds, env_id=env_id)
 
 
 def cpu_model() -> str:
