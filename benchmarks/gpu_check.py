@@ -302,14 +302,30 @@ def loop_share(device: torch.device, dry: bool, check: Check, figures: dict) -> 
 
 
 def update_seconds(device: torch.device, dry: bool, check: Check, figures: dict) -> None:
-    """Seconds per update, eager and compiled (not in --dry: compiling on a CPU takes most of a minute)."""
-    batch = 256
+    """Seconds per update, eager and compiled (not in --dry: compiling on a CPU takes most of a minute); then the
+    trainer's unmeasured choices: channels-last networks, cuDNN's autotuner off, the frames' upload joined with
+    the new-game flags."""
+    batch, repeats = (32, 3) if dry else (256, 50)
     if not dry and check.left() > 30:
         eager = throughput.seconds_per_update(device, batch, 6, compiled=False)
         compiled = throughput.seconds_per_update(device, batch, 6, compiled=True)
         figures.update(update_eager=eager, update_compiled=compiled)
         print(f"seconds per update (sample + learn), batch {batch}: eager {eager:.5f}, compiled {compiled:.5f}",
               flush=True)
+    if check.left() > 20:
+        layouts = {}
+        for channels_last, autotune in ((True, False), (False, False), (True, True), (False, True)):
+            with throughput.network_layout(channels_last, autotune):
+                layouts[channels_last, autotune] = throughput.seconds_per_update(device, batch, 6, compiled=False,
+                                                                                 repeats=repeats)
+        figures.update({f"layout/{c}/{t}": v for (c, t), v in layouts.items()})
+        print("seconds per eager update: " + ", ".join(
+            f"{'channels-last' if c else 'contiguous'}{' + cudnn.benchmark' if t else ''} {v:.5f}"
+            for (c, t), v in layouts.items()), flush=True)
+        joined, apart = (throughput.upload_seconds(device, 16, joined) for joined in (True, False))
+        figures.update(upload_joined=joined, upload_apart=apart)
+        print(f"frame upload per agent step, 16 games: joined with the new-game flags {joined * 1e6:.0f} us, as "
+              f"two copies {apart * 1e6:.0f} us", flush=True)
 
 
 class Tee(io.TextIOBase):

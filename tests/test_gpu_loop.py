@@ -201,6 +201,8 @@ def test_the_device_check_runs_its_checks_on_cpu_most_important_first_and_keeps_
     assert mechanisms == ["default", "--overlap off", "--compile off", "games not pinned", "pinned staging off",
                           "3 evaluations beside"]
     assert any(line.startswith("learning off, 2 games:") for line in lines)
+    assert any(line.startswith("seconds per eager update: channels-last ") for line in lines)
+    assert any(line.startswith("frame upload per agent step, 16 games:") for line in lines)
     assert lines[-1].startswith("gpu_check: 6 passed, 0 failed, 1 skipped on ")
     assert (tmp_path / "gpu_check.log").read_text().splitlines() == lines
     record = json.loads((tmp_path / "gpu_check.json").read_text())
