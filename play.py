@@ -27,7 +27,7 @@ import torch
 from train_breakout import WALL_CLEARED, DuelingNetwork, FrameStack, choose_actions, lives_starting, preprocess_all
 from trainer_support.atari import OneGame, fire_action
 from trainer_support.checkpoint import DamagedCheckpoint, checkpoint_folders, load_checkpoint
-from trainer_support.cli import HelpFormatter, UserError, run_command
+from trainer_support.cli import HelpFormatter, UserError, command, run_command
 from trainer_support.device import pick_device
 from trainer_support.video import VideoWriter, draw_frame
 
@@ -120,6 +120,16 @@ def newest_network(run: Path) -> Optional[tuple[Path, dict, dict]]:
     return None
 
 
+def finished(summary: dict) -> Optional[str]:
+    """The budget flag a checkpoint's run had spent (the run ended there, unless --resume gives it more), or None."""
+    args = summary.get("args") if isinstance(summary.get("args"), dict) else {}
+    for flag, key in (("episodes", "episode"), ("steps", "step"), ("minutes", "minutes")):
+        budget, done = args.get(flag), summary.get(key)
+        if isinstance(budget, (int, float)) and isinstance(done, (int, float)) and done >= budget:
+            return f"--{flag} {budget:,}"
+    return None
+
+
 def network_to_play(path: Path) -> tuple[str, Optional[dict], Optional[str]]:
     """(what to play, its weights when they come from a full checkpoint, that run's game). A .pth is played as
     given. A run's folder plays its best.pth, else its newest snapshot, else the policy network of its newest full
@@ -147,22 +157,25 @@ def network_to_play(path: Path) -> tuple[str, Optional[dict], Optional[str]]:
     if path.exists() or not path.parent.is_dir():
         return str(path), None, None
     found = newest_network(path.parent) if path.stem.isdigit() and path.suffix == ".pth" else None
+    held, best = snapshots(path.parent), " and best.pth" if (path.parent / "best.pth").is_file() else ""
+    holds = (f"{path.parent} holds {len(held)} snapshot(s), {held[0].name} to {held[-1].name}{best}" if held else
+             f"{path.parent} holds no snapshot{best}")
+    if found is not None and int(path.stem) > found[2]["episode"] and finished(found[2]):
+        raise UserError(f"no such checkpoint file: {path}; the run finished at episode {found[2]['episode']:,} "
+                        f"({finished(found[2])}) and will not write it; {holds}")
     if found is not None and int(path.stem) > found[2]["episode"]:
         note(f"{path} is not written yet: the run is at episode {found[2]['episode']:,} (its newest full "
              f"checkpoint) and writes it at episode {int(path.stem):,}, {int(path.stem) - found[2]['episode']:,} "
              f"episodes from now; playing that checkpoint's policy network meanwhile (agent step "
              f"{found[2]['step']:,})")
         return from_checkpoint(found)
-    held = snapshots(path.parent)
     if held:
-        best = " and best.pth" if (path.parent / "best.pth").is_file() else ""
-        raise UserError(f"no such checkpoint file: {path}; {path.parent} holds {len(held)} snapshot(s), "
-                        f"{held[0].name} to {held[-1].name}{best}")
+        raise UserError(f"no such checkpoint file: {path}; {holds}")
     if found is not None:
         every = (found[2].get("args") or {}).get("save_every")
         raise UserError(f"no such checkpoint file: {path}; the run is past episode {int(path.stem):,} but holds no "
                         f"snapshot{f' (one every {every:,} episodes)' if isinstance(every, int) else ''}; "
-                        f"python play.py {path.parent} plays its newest network")
+                        f"{command('play.py', path.parent)} plays its newest network")
     return str(path), None, None
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-# A scheduler's SIGTERM while the trainer starts up (imports, a checkpoint being read) is kept and honoured at
-# the first step, so the run still saves and ends with the line a requeue looks for.
+# A scheduler's SIGTERM while the modules are imported is kept: train() ends the start at once, with the line a
+# requeue looks for; one that comes after the start has written its first file is honoured at the first step.
 TERMINATED_AT_START: list = []
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda signum, frame: TERMINATED_AT_START.append(signum))
@@ -34,13 +34,14 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from trainer_support.atari import (OneGame, VectorGames, ale_settings, cores_in_use, fire_action,  # noqa: E402
-                                   make_games)
-from trainer_support.background import Helper, StopRequest, frozen  # noqa: E402
+from trainer_support.atari import (OneGame, VectorGames, ale_settings, check_games_fit, cores_in_use,  # noqa: E402
+                                   fire_action, make_games)
+from trainer_support.background import (Helper, StoppedWhileStarting, StopRequest, frozen,  # noqa: E402
+                                        stops_end_the_start)
 from trainer_support.checkpoint import (DamagedCheckpoint, load_rows, restore_state, save_full_checkpoint,  # noqa: E402
                                         say_if_not_saved)
-from trainer_support.cli import (NOT_NEGATIVE, POSITIVE, UNIT, UserError, check_bounds, flag, flag_parser,  # noqa: E402
-                                 run_command, start_up_table)
+from trainer_support.cli import (NOT_NEGATIVE, POSITIVE, UNIT, RunFailed, UserError, check_bounds,  # noqa: E402
+                                 command, flag, flag_parser, run_command, start_up_table)
 from trainer_support.compiling import InUse, compare, compiled  # noqa: E402
 from trainer_support.device import (EVAL_BESIDE_CORES, Staging, check_memory_fits, pick_device, switches,  # noqa: E402
                                     threads_for, torch_threads, usable_cores)
@@ -48,9 +49,8 @@ from trainer_support.curve import History  # noqa: E402
 from trainer_support.files import Writes, save_snapshot, say_if_short_of_space, write_json  # noqa: E402
 from trainer_support.logs import LearningStats, Progress, RunLog, log_friendly_output  # noqa: E402
 from trainer_support.schedule import Every  # noqa: E402
-from trainer_support.run_folder import (check_run_folder, checkpoints_to_try, clear_leftovers, config_of,  # noqa: E402
-                                        lock_run_folder, new_run_id, resume_newest, resumed_args, run_folder,
-                                        unlock_run_folder)
+from trainer_support.run_folder import (FolderLock, check_run_folder, checkpoints_to_try, clear_leftovers,  # noqa: E402
+                                        config_of, new_run_id, resume_newest, resumed_args, run_folder)
 from trainer_support.video import GameVideos  # noqa: E402
 
 
@@ -745,8 +745,9 @@ class Session:
     """This process's share of a run, none of it saved: flags, folder, log, clock, progress, helpers, stop request."""
 
     def __init__(self, args: Args, run_dir: Path, device: torch.device, run: Run, resumed: bool, writes: Writes,
-                 config: dict):
-        self.args, self.run_dir, self.device = args, run_dir, device
+                 config: dict, lock: FolderLock):
+        self.args, self.run_dir, self.device, self.lock = args, run_dir, device, lock
+        self.folder_checked = time.time()  # when the folder was last seen to be the one locked
         self.writes, self.config = writes, config  # the writes that may fail; config.json, written again if it did
         self.unsaved_best: Optional[dict] = None  # the weights of a best evaluation whose best.pth failed
         self.n_actions, self.fire = len(run.games.actions), fire_action(run.games.actions)
@@ -896,6 +897,8 @@ def periodic_work(run: Run, session: Session) -> None:
     """Snapshots, curve, evaluations and full checkpoints when due. An evaluation plays beside training where it
     can; a checkpoint that falls due meanwhile is taken once its result is in, so no evaluation crosses one."""
     counters = run.counters
+    if time.time() - session.folder_checked >= 1.0:
+        keep_the_folder(run, session)
     for episode in run.snapshots.passed(counters.episodes):
         save_episode_snapshot(run, session, episode)
     if run.curve.passed(counters.episodes):
@@ -1010,8 +1013,32 @@ def save_best(session: Session) -> bool:
     return session.unsaved_best is None
 
 
+def keep_the_folder(run: Run, session: Session) -> None:
+    """A run folder deleted under the run (checked once a second, and before each checkpoint): one line, then the
+    folder is made again, locked again and given a full checkpoint of this step, and the run goes on. Where another
+    trainer has taken the folder meanwhile, this run ends without writing there (RunFailed)."""
+    session.folder_checked = time.time()
+    if not session.lock.lost():
+        return
+    run_dir = session.run_dir
+    try:
+        session.lock.retake()
+    except UserError as e:
+        raise RunFailed(f"{run_dir}/ was deleted while this run trained, and it cannot be taken back ({e}); this run "
+                        f"ends without writing there, at agent step {run.counters.steps}") from None
+    tqdm.write(f"warning: {run_dir}/ was deleted while this run trained; it is made again, locked again and given "
+               f"a full checkpoint of this step (what was deleted with it is gone), and training goes on")
+    session.log.close()
+    session.log = RunLog(run_dir, METRIC_COLUMNS, None, session.writes)
+    config = run_dir / "config.json"
+    session.writes(config, write_json, config, session.config)
+    save_checkpoint(run, session)
+
+
 def save_checkpoint(run: Run, session: Session) -> None:
-    """resume/<step>/ from the run's state at this step (trainer_support.checkpoint)."""
+    """resume/<step>/ from the run's state at this step (trainer_support.checkpoint), in the folder still locked."""
+    if session.lock.lost():
+        return keep_the_folder(run, session)  # which saves this checkpoint into the folder made again
     counters, config = run.counters, session.run_dir / "config.json"
     counters.seconds = session.elapsed()
     summary = dict(step=counters.steps, episode=counters.episodes, games=counters.games, updates=counters.updates,
@@ -1044,14 +1071,22 @@ def finish(run: Run, session: Session) -> None:
     save_checkpoint(run, session)
     session.log.close()
     run.games.close()
-    say_if_not_saved(run_dir / "resume", f"{counters.steps:012d}")
+    checkpoint = say_if_not_saved(run_dir / "resume", f"{counters.steps:012d}")
     if session.stop.signal is not None:  # the last two lines: a requeue (docs/clusters.md, Slurm) looks for them
         print(f"stopped by {session.stop.signal} at episode {counters.episodes}, agent step {counters.steps}"
-              f"{session.functions.outcome()}; continue with:\n  python train_breakout.py --resume --checkpoints {run_dir}")
-    else:
-        print(f"done: {counters.episodes} episodes, {counters.steps} agent steps, {counters.updates} updates in "
-              f"{session.elapsed() / 60:.1f} minutes{session.functions.outcome()}; snapshot "
-              f"{run_dir / (str(counters.episodes) + '.pth')}")
+              f"{session.functions.outcome()}; continue with:\n  "
+              f"{command('train_breakout.py', '--resume', '--checkpoints', run_dir)}", flush=True)
+        return
+    snapshot = run_dir / f"{counters.episodes}.pth"
+    trained = (f"{counters.episodes} episodes, {counters.steps} agent steps, {counters.updates} updates in "
+               f"{session.elapsed() / 60:.1f} minutes{session.functions.outcome()}")
+    if not snapshot.is_file() and checkpoint is None:  # not `done:`: a requeue must not take it for finished
+        raise RunFailed(f"{trained}, but neither the last snapshot ({snapshot.name}) nor a full checkpoint could "
+                        f"be written ({session.writes.failing.get(str(snapshot), 'see the warnings above')}); "
+                        f"free space in {run_dir} and start the run over")
+    print(f"done: {trained}; " + (f"snapshot {snapshot}" if snapshot.is_file() else
+                                  f"the last snapshot could not be written: its network is in {checkpoint}, which "
+                                  f"{command('play.py', run_dir)} plays"), flush=True)
 
 
 def build_run(args: Args, device: torch.device) -> tuple[Run, int]:
@@ -1091,24 +1126,29 @@ def resume_run(args: Args, given: set, device: torch.device, run_dir: Path, fold
 
 def train(args: Args, given: set) -> dict:
     """Train until the budget is spent or a stop is asked for; returns the counters and a few figures. Every flag,
-    the device and the run's folder are checked before anything is written, and the folder stays locked."""
+    the device and the run's folder are checked before anything is written, and the folder stays locked. A stop
+    while the run starts ends it there, before anything is written (StoppedWhileStarting)."""
     check_args(args)
+    check_games_fit(args.envs)
     device = pick_device(args.device)
-    run_dir = run_folder(args)
+    run_dir = run_folder(args, given)
     created, started = check_run_folder(run_dir), False
-    lock = lock_run_folder(run_dir)
+    lock = FolderLock(run_dir)
     try:
-        torch.set_num_threads(torch_threads(args, device, learning=False))
-        if device.type == "cuda":  # TF32 for float32 matrix products (convolutions use it by default)
-            torch.set_float32_matmul_precision("high")
-        clear_leftovers(run_dir)
-        folders = checkpoints_to_try(args, run_dir)
-        resumed = folders is not None
-        if resumed:
-            args, run, replay_bytes, run_id = resume_run(args, given, device, run_dir, folders)
-            run_id = run_id or (config_of(run_dir) or {}).get("run_id") or new_run_id()
-        else:
-            (run, replay_bytes), run_id = build_run(args, device), new_run_id()
+        with stops_end_the_start(TERMINATED_AT_START):
+            lock.acquire()
+            torch.set_num_threads(torch_threads(args, device, learning=False))
+            if device.type == "cuda":  # TF32 for float32 matrix products (convolutions use it by default)
+                torch.set_float32_matmul_precision("high")
+            clear_leftovers(run_dir)
+            folders = checkpoints_to_try(args, run_dir)
+            resumed = folders is not None
+            if resumed:
+                args, run, replay_bytes, run_id = resume_run(args, given, device, run_dir, folders)
+                run_id = run_id or (config_of(run_dir) or {}).get("run_id") or new_run_id()
+            else:
+                (run, replay_bytes), run_id = build_run(args, device), new_run_id()
+                start_games(run, args)
         learning_threads = torch_threads(args, device, learning=True)
         print(start_up_table(args, device, switches(args, device), learning_threads, replay_bytes) + "\n"
               + cores_in_use(args.envs, learning_threads), flush=True)
@@ -1117,12 +1157,10 @@ def train(args: Args, given: set) -> dict:
         writes, started = Writes(), True
         writes(run_dir / "config.json", write_json, run_dir / "config.json", config)
         say_if_short_of_space(run_dir)
-        if not resumed:
-            start_games(run, args)
-        session = Session(args, run_dir, device, run, resumed, writes, config)
+        session = Session(args, run_dir, device, run, resumed, writes, config, lock)
         return train_session(run, session, replay_bytes)
-    finally:  # a start refused leaves nothing behind, so the corrected command works
-        unlock_run_folder(run_dir, lock, remove_folder=created and not started)
+    finally:  # a start refused or stopped leaves nothing behind, so the same command works again
+        lock.release(remove_folder=created and not started, remove_holder=not started)
 
 
 def train_session(run: Run, session: Session, replay_bytes: int) -> dict:
@@ -1153,7 +1191,15 @@ def train_session(run: Run, session: Session, replay_bytes: int) -> dict:
 
 def main(argv=None) -> int:
     log_friendly_output()
-    return run_command(lambda: train(*parse_args(argv)), "interrupted; the last complete checkpoint is kept")
+    argv = sys.argv[1:] if argv is None else argv
+
+    def body():
+        try:
+            train(*parse_args(argv))
+        except StoppedWhileStarting as stop:  # the last two lines, as a stopped run's: a requeue looks for them
+            print(f"stopped by {stop} while starting, before anything was written; start again with:\n  "
+                  f"{command('train_breakout.py', *argv)}", flush=True)
+    return run_command(body, "interrupted; the last complete checkpoint is kept")
 
 
 if __name__ == "__main__":

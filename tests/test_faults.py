@@ -277,7 +277,7 @@ def test_damaged_loose_files_neither_block_nor_change_a_resume(tmp_path):
     del edited["args"]["memory"]
     config.write_text(json.dumps(edited))
     p = train(run, "--resume", "--steps", "400")
-    assert "its last line was cut short, and dropped" in p.stdout
+    assert "its last line was cut short: dropped, and kept in metrics.csv.damaged" in p.stdout
     assert re.search(r"--memory 300\b", p.stdout) and json.loads(config.read_text())["args"]["memory"] == 300
     assert metrics.read_text().endswith("\n") and all(r.count(",") == 10 for r in metrics.read_text().splitlines())
     # metrics.csv missing: started again with its header; config.json empty: written again from the checkpoint.

@@ -30,6 +30,7 @@ def ale_settings(env_id: str) -> dict:
     """The emulator settings Gymnasium registers for `env_id`; a clear error for anything else."""
     import ale_py
     import gymnasium as gym
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no emulator banner among a run's lines, in any process
     gym.register_envs(ale_py)
     try:
         spec = gym.spec(env_id)
@@ -47,6 +48,26 @@ def ale_settings(env_id: str) -> dict:
 
 PIN_GAMES, SPARE_CORES = True, 0  # the trainer's games: one thread pinned per core, none left to the loop; the
 # alternatives are measured by benchmarks/gpu_check.py
+
+
+# The most games a run may step: 64 per core, and what half the available RAM holds at GAME_BYTES a game. ale-py
+# builds its games one after another, about 90 ms each on an AMD EPYC core (BENCHMARKS.md), holding the
+# interpreter: 128 games on 2 cores start in 12 s, and 100,000 would take 2.5 hours and 150 GB.
+GAMES_PER_CORE, GAME_BYTES = 64, 2 << 20  # measured: 1.2 to 1.7 MB a game once reset
+
+
+def check_games_fit(envs: int) -> None:
+    """Refuse, before anything is written, more games than this machine's cores and memory can serve."""
+    import psutil
+    cores, available = usable_cores(), psutil.virtual_memory().available
+    by_cores, by_memory = GAMES_PER_CORE * cores, available // 2 // GAME_BYTES
+    if envs > min(by_cores, by_memory):
+        why = (f"{GAMES_PER_CORE} per core on the {cores} core{'s' * (cores != 1)} this process may use"
+               if by_cores <= by_memory else
+               f"what half of the {available / 2**30:.1f} GiB of available RAM holds, at about "
+               f"{GAME_BYTES >> 20} MB a game")
+        raise UserError(f"--envs {envs} is more games than this machine can serve: at most "
+                        f"{min(by_cores, by_memory)} here ({why})")
 
 
 def game_cores() -> int:

@@ -45,6 +45,32 @@ STOPS = (signal.SIGINT, signal.SIGTERM)
 CAN_HOLD_SIGNALS = hasattr(signal, "pthread_sigmask")  # not on Windows, which has no SIGTERM to send
 
 
+class StoppedWhileStarting(BaseException):  # not an Exception: no `except Exception` on the way takes it for a fault
+    """A stop (its signal's name) that came while the trainer started, before it wrote anything."""
+
+
+@contextlib.contextmanager
+def stops_end_the_start(pending: list):
+    """While the trainer starts (checks its folder, reads a checkpoint, builds its games), nothing of the run is
+    written yet: Ctrl-C or SIGTERM ends the start there (StoppedWhileStarting, at the end of the call it comes in:
+    building the games is one call of the emulator), with nothing to save. `pending`: stops that came earlier,
+    while the modules were imported."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can take signals
+        yield
+        return
+
+    def stop(signum, frame):
+        raise StoppedWhileStarting(signal.Signals(signum).name)
+    previous = {s: signal.signal(s, stop) for s in STOPS}
+    try:
+        if pending:
+            raise StoppedWhileStarting(signal.Signals(pending[0]).name)
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 @contextlib.contextmanager
 def stops_held():
     """Ctrl-C and SIGTERM held back from this thread while it starts a helper process, which inherits the mask

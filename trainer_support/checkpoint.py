@@ -246,6 +246,10 @@ def save_full_checkpoint(root: Path, obj, name: str, summary: dict, keep: int) -
     make_room(root)
     try:
         folder = save_checkpoint(root, name, state, arrays, summary, keep=keep)
+    except KeyboardInterrupt:  # a second stop while saving: the run ends at once (cli.run_command says so)
+        tqdm.write("warning: the checkpoint being written was interrupted and is not kept; " +
+                   ("the previous one is" if checkpoint_folders(root) else "this run has no other one"))
+        raise
     except (OSError, RuntimeError) as e:  # PyTorch raises a full disk as a RuntimeError
         earlier = bool(checkpoint_folders(root))
         tqdm.write(f"warning: could not write a checkpoint ({why_failed(e, root)}); " +
@@ -272,12 +276,15 @@ def make_room(root: Path) -> None:
         pass
 
 
-def say_if_not_saved(root: Path, name: str) -> None:
-    """At the end of a session: if the checkpoint `name` could not be written, which one a resume will use."""
+def say_if_not_saved(root: Path, name: str) -> Optional[Path]:
+    """At the end of a session: if the checkpoint `name` could not be written, which one a resume will use. Returns
+    the newest checkpoint (None: there is none)."""
     folders = checkpoint_folders(root)
     if not folders:
         print(f"note: no checkpoint of this run could be written: free space in {root.parent}, then start it "
               "over with its flags and --auto-resume", flush=True)
-    elif folders[-1].name != name:
+        return None
+    if folders[-1].name != name:
         print(f"note: the checkpoint of this step could not be written; --resume goes on from {folders[-1]}",
               flush=True)
+    return folders[-1]

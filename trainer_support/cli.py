@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
+import subprocess
 import sys
 from typing import Optional
 
@@ -13,18 +16,31 @@ class UserError(Exception):
     """A problem with what the user asked for: reported as one line, exit status 2, no traceback."""
 
 
+class RunFailed(Exception):
+    """A run that could not do its work (it could save nothing, or lost its folder): one line, exit status 1."""
+
+
 def run_command(body, interrupted: str) -> int:
-    """Exit status of a command (train_breakout.py's and play.py's): 0 done, 2 bad input (one line on stderr,
-    no traceback), 130 interrupted (the line `interrupted` on stderr)."""
+    """Exit status of a command (train_breakout.py's and play.py's): 0 done, 1 failed, 2 bad input (each one line
+    on stderr, no traceback), 130 interrupted (the line `interrupted` on stderr)."""
     try:
         body()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
     return 0
+
+
+def command(*words) -> str:
+    """A command for a person to paste, each word quoted for the shell it runs in (a folder with spaces)."""
+    words = ["python", *map(str, words)]
+    return subprocess.list2cmdline(words) if os.name == "nt" else shlex.join(words)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

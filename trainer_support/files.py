@@ -107,7 +107,8 @@ def write_json(path: Path, value) -> None:
 
 
 class _RecordedFile:
-    """An open file as torch.save sees it, keeping the error of a write that failed."""
+    """An open file as torch.save sees it, keeping what a write raised: a full disk's OSError, or the
+    KeyboardInterrupt of a second Ctrl-C or SIGTERM."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -115,7 +116,7 @@ class _RecordedFile:
     def write(self, data):
         try:
             return self.f.write(data)
-        except OSError as e:
+        except BaseException as e:
             self.error = e
             raise
 
@@ -124,8 +125,8 @@ class _RecordedFile:
 
 
 def torch_save(value, f) -> None:
-    """torch.save to the open file `f`; a failed write comes out as the OSError it was (PyTorch raises it again as
-    a RuntimeError about positions in its zip file, which does not say "no space left")."""
+    """torch.save to the open file `f`; what a write raised comes out as itself (PyTorch raises it again as a
+    RuntimeError about positions in its zip file, which says neither "no space left" nor "interrupted")."""
     file = _RecordedFile(f)
     try:
         torch.save(value, file)

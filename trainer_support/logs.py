@@ -193,33 +193,42 @@ class RunLog:
             self.tb = None
 
     def _rows_up_to(self, resume_step: int) -> list:
-        """The rows a resumed run keeps: those up to its checkpoint's step."""
+        """The rows a resumed run keeps: those up to its checkpoint's step. Lines that cannot be read (bytes that
+        are not text, a row cut short) are dropped, and kept in metrics.csv.damaged."""
         try:
-            with open(self.path, newline="") as f:
-                text = f.read()
-            lines = list(csv.reader(io.StringIO(text)))
+            data = self.path.read_bytes()
         except FileNotFoundError:
             print(f"note: {self.path} is missing; it starts again with its header (the rows before step "
                   f"{resume_step} are in the checkpoint's history, which curve.png draws)", flush=True)
             return []
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
-            print(f"note: {self.path} cannot be read ({e}); it is kept as {self.path.name}.damaged and starts again",
+        except OSError as e:
+            print(f"note: {self.path} cannot be read ({e.strerror or e}); it starts again with its header",
                   flush=True)
-            self.path.replace(self.path.with_name(self.path.name + ".damaged"))
             return []
-        if lines and lines[0] == self.columns:
-            lines = lines[1:]
-        kept, damaged, last_damaged = [], 0, False
-        for n, r in enumerate(lines):
-            whole = n < len(lines) - 1 or text.endswith("\n")  # a write cut short leaves its line unended
-            ok = whole and len(r) == len(self.columns) and r[0] in ("game", "eval") and r[1].isdigit()
-            damaged += not ok
-            last_damaged = not ok and n == len(lines) - 1
-            if ok and int(r[1]) <= resume_step:
-                kept.append(r)
+        kept, damaged = [], []
+        for n, line in enumerate(data.splitlines(keepends=True)):
+            try:
+                r = next(csv.reader([line.decode()]))
+            except (UnicodeDecodeError, csv.Error, StopIteration):
+                r = None
+            if n == 0 and r == self.columns:
+                continue
+            # a write cut short leaves its line unended
+            if (r is not None and line.endswith(b"\n") and len(r) == len(self.columns) and r[0] in ("game", "eval")
+                    and r[1].isdigit()):
+                if int(r[1]) <= resume_step:
+                    kept.append(r)
+            else:
+                damaged.append(line)
         if damaged:
-            what = "its last line was cut short" if damaged == 1 and last_damaged else f"{damaged} lines were damaged"
-            print(f"note: {self.path}: {what}, and dropped", flush=True)
+            aside = self.path.with_name(self.path.name + ".damaged")
+            what = ("its last line was cut short" if len(damaged) == 1 and data.endswith(damaged[0])
+                    and not damaged[0].endswith(b"\n") else f"{len(damaged)} lines could not be read")
+            try:
+                aside.write_bytes(b"".join(damaged))
+                print(f"note: {self.path}: {what}: dropped, and kept in {aside.name}", flush=True)
+            except OSError:
+                print(f"note: {self.path}: {what}: dropped", flush=True)
         return kept
 
     def _rewrite_in_place(self, data: bytes) -> None:

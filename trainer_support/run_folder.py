@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import random
+import shlex
 import shutil
 import socket
 import sys
@@ -24,36 +25,89 @@ from .cli import UserError
 from .files import why_failed, write_json
 
 
-def run_folder(args) -> Path:
-    """The folder of the run the flags name: --checkpoints, or the run --resume PATH points into."""
+def run_folder(args, given: set = frozenset()) -> Path:
+    """The folder of the run the flags name: --checkpoints, or the run --resume PATH points into (--checkpoints
+    naming another folder beside it is refused)."""
     if args.resume and args.resume != "latest":
         path = Path(args.resume)
         is_checkpoint = (path / "manifest.json").exists() or path.parent.name == "resume"
-        return path.parent.parent if is_checkpoint else path
+        run_dir = path.parent.parent if is_checkpoint else path
+        if "checkpoints" in given and Path(args.checkpoints).resolve() != run_dir.resolve():
+            raise UserError(f"--resume {path} continues the run in {run_dir}, not in --checkpoints "
+                            f"{args.checkpoints}: leave out --checkpoints (a run goes on in its own folder)")
+        return run_dir
     return Path(args.checkpoints)
 
 
 HOLDER = ".trainer.json"  # who holds the lock, as it names itself
+# The errors of a file system that has no locks (some network mounts): the run goes on unguarded, and says so.
+CANNOT_LOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 
-def lock_run_folder(run_dir: Path) -> Optional[filelock.FileLock]:
-    """The run folder's lock, held by the trainer for the whole run: a second trainer on the folder is refused, in
-    one line naming the holder. The system releases it when its process ends (kill -9 and a lost node too), so a
-    lock left behind never blocks. Where the file system cannot lock, one line says so and the run goes on (None)."""
-    lock = filelock.FileLock(run_dir / ".trainer.lock", timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise UserError(f"{run_dir}/ is in use by another trainer ({held_by(run_dir)}); wait for it to end, "
-                        f"or pass --checkpoints NEW_FOLDER to start another run") from None
-    except (OSError, NotImplementedError) as e:
-        print(f"note: {run_dir}/ cannot be locked ({why_failed(e, run_dir)}); make sure no other trainer uses it",
-              flush=True)
-        return None
-    with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, only its holder goes unnamed
-        write_json(run_dir / HOLDER, dict(pid=os.getpid(), host=socket.gethostname(),
-                                          since=time.strftime("%Y-%m-%d %H:%M:%S %Z")))
-    return lock
+class FolderLock:
+    """The run folder's lock (.trainer.lock), held by the trainer for the whole run: a second trainer on the folder
+    is refused, in one line naming the holder. The system releases it when its process ends (kill -9 and a lost node
+    too), so a lock left behind never blocks. A lock file this trainer may not open is refused (it cannot tell
+    whether another trainer holds it); only where the file system has no locks does the run go on unguarded, with
+    a note. A folder deleted under the run is noticed (`lost`) and locked again where it is made again (`retake`)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path = run_dir, run_dir / ".trainer.lock"
+        self.lock: Optional[filelock.FileLock] = None
+        self.held: Optional[tuple] = None  # (device, inode) of the file locked
+
+    def acquire(self) -> None:
+        lock = filelock.FileLock(self.path, timeout=0)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise UserError(f"{self.run_dir}/ is in use by another trainer ({held_by(self.run_dir)}); wait for it to "
+                            f"end, or pass --checkpoints NEW_FOLDER to start another run") from None
+        except (OSError, NotImplementedError) as e:
+            if isinstance(e, OSError) and e.errno not in CANNOT_LOCK:
+                raise UserError(f"{self.path} cannot be opened ({e.strerror or e}), so this trainer cannot tell "
+                                f"whether another one uses {self.run_dir}/: give it back read and write permission "
+                                f"({shlex.join(['chmod', 'u+rw', str(self.path)])}), or pass --checkpoints "
+                                f"NEW_FOLDER") from None
+            print(f"note: {self.run_dir}/ cannot be locked: its file system has no locks ({why_failed(e, self.path)})"
+                  f"; make sure no other trainer uses it", flush=True)
+            return
+        self.lock = lock
+        with contextlib.suppress(OSError):  # the file is open and locked; only a race with rm could fail this
+            st = os.stat(self.path)
+            self.held = (st.st_dev, st.st_ino)
+        with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, only its holder goes unnamed
+            write_json(self.run_dir / HOLDER, dict(pid=os.getpid(), host=socket.gethostname(),
+                                                   since=time.strftime("%Y-%m-%d %H:%M:%S %Z")))
+
+    def lost(self) -> bool:
+        """Whether the file locked is no longer the folder's lock file: the folder was deleted (or the file)."""
+        if self.held is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self.held
+
+    def retake(self) -> None:
+        """Lock the folder again where it was made again; UserError if another trainer has taken it meanwhile."""
+        self.release()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.acquire()
+
+    def release(self, remove_folder: bool = False, remove_holder: bool = False) -> None:
+        """Let the folder go; with `remove_folder`, a folder this start created and wrote nothing else to is
+        removed; with `remove_holder`, the file naming this trainer (a start that ends before writing)."""
+        if (remove_folder or remove_holder) and self.lock is not None:
+            (self.run_dir / HOLDER).unlink(missing_ok=True)
+        if self.lock is not None:
+            self.lock.release()
+        self.lock, self.held = None, None
+        if remove_folder:
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
+                self.run_dir.rmdir()  # only if empty
 
 
 def held_by(run_dir: Path, wait: float = 2.0) -> str:
@@ -66,18 +120,6 @@ def held_by(run_dir: Path, wait: float = 2.0) -> str:
                 return f"process {h['pid']} on {h['host']}, since {h['since']}"
         time.sleep(0.05)
     return "a process that is starting"
-
-
-def unlock_run_folder(run_dir: Path, lock: Optional[filelock.FileLock], remove_folder: bool = False) -> None:
-    """Let the folder go; with `remove_folder`, a folder this start created and wrote nothing else to is removed."""
-    if remove_folder:
-        (run_dir / HOLDER).unlink(missing_ok=True)
-    if lock is not None:
-        lock.release()
-    if remove_folder:
-        with contextlib.suppress(OSError):
-            (run_dir / ".trainer.lock").unlink(missing_ok=True)
-            run_dir.rmdir()  # only if empty
 
 
 def check_run_folder(run_dir: Path) -> bool:
@@ -167,6 +209,10 @@ def resume_newest(run_dir: Path, folders: list, fit):
     of the run in config.json (where that names one) and fits (`fit` raises DamagedCheckpoint where it does not).
     Each one that fails is reported in one line and the one before it tried; a folder given alone is refused."""
     run_id = (config_of(run_dir) or {}).get("run_id")
+    resume = run_dir / "resume"
+    start_over = (f"start a new run with --checkpoints NEW_FOLDER, or move {resume} away "
+                  f"({shlex.join(['mv', str(resume), str(resume) + '.damaged'])}) and add --auto-resume to start "
+                  f"this run over")
     for folder in folders:
         try:
             state, arrays, manifest = load_checkpoint(folder)
@@ -177,8 +223,10 @@ def resume_newest(run_dir: Path, folders: list, fit):
             return fit(folder, state, arrays, manifest)
         except DamagedCheckpoint as e:
             if len(folders) == 1:
-                raise UserError(f"checkpoint {folder} is damaged ({e})") from None
+                others = [f for f in checkpoint_folders(resume) if f.resolve() != folder.resolve()]
+                way = (f"--resume {shlex.quote(str(others[-1]))} goes on from the one before it" if others else
+                       f"it is the run's only full checkpoint: {start_over}")
+                raise UserError(f"checkpoint {folder} is damaged ({e}); {way}") from None
             print(f"warning: checkpoint {folder} is damaged ({e}); trying the one before it", file=sys.stderr,
                   flush=True)
-    raise UserError(f"no usable checkpoint in {run_dir / 'resume'}: start a new run with --checkpoints NEW_FOLDER, "
-                    f"or move {run_dir / 'resume'} away and add --auto-resume to start this run over")
+    raise UserError(f"no usable checkpoint in {resume}: {start_over}")
