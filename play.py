@@ -158,8 +158,8 @@ def network_to_play(path: Path) -> tuple[str, Optional[dict], Optional[str]]:
         return str(path), None, None
     found = newest_network(path.parent) if path.stem.isdigit() and path.suffix == ".pth" else None
     held, best = snapshots(path.parent), " and best.pth" if (path.parent / "best.pth").is_file() else ""
-    holds = (f"{path.parent} holds {len(held)} snapshot(s), {held[0].name} to {held[-1].name}{best}" if held else
-             f"{path.parent} holds no snapshot{best}")
+    holds = f"{path.parent} holds " + (f"{len(held)} snapshot(s), {held[0].name} to {held[-1].name}" if len(held) > 1
+                                       else f"one snapshot, {held[0].name}" if held else "no snapshot") + best
     if found is not None and int(path.stem) > found[2]["episode"] and finished(found[2]):
         raise UserError(f"no such checkpoint file: {path}; the run finished at episode {found[2]['episode']:,} "
                         f"({finished(found[2])}) and will not write it; {holds}")

@@ -1083,7 +1083,7 @@ def finish(run: Run, session: Session) -> None:
     if not snapshot.is_file() and checkpoint is None:  # not `done:`: a requeue must not take it for finished
         raise RunFailed(f"{trained}, but neither the last snapshot ({snapshot.name}) nor a full checkpoint could "
                         f"be written ({session.writes.failing.get(str(snapshot), 'see the warnings above')}); "
-                        f"free space in {run_dir} and start the run over")
+                        f"free space in {run_dir}, then start it over with its flags and --auto-resume")
     print(f"done: {trained}; " + (f"snapshot {snapshot}" if snapshot.is_file() else
                                   f"the last snapshot could not be written: its network is in {checkpoint}, which "
                                   f"{command('play.py', run_dir)} plays"), flush=True)

@@ -189,11 +189,20 @@ def test_a_young_run_plays_the_network_of_its_newest_full_checkpoint_and_says_ho
                               "--eval-every", "0", "--device", "cpu", "--seed", "2"], capture_output=True, text=True,
                              timeout=300)
     assert trained.returncode == 0, trained.stderr[-2000:]
-    for snapshot in run.glob("*.pth"):  # the one written as the budget ran out; a run stopped by Ctrl-C has none
-        snapshot.unlink()
     checkpoint = sorted((run / "resume").iterdir())[-1]
     state, _, manifest = play.load_checkpoint(checkpoint)
     episode = manifest["summary"]["episode"]
+    # The run finished (--steps 600): it will never write 600000.pth, and the snapshot it has is named.
+    capfd.readouterr()
+    assert play.main([str(run / "600000.pth"), "--no-render"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and (f"the run finished at episode {episode} (--steps 600) and will not write it; "
+                                      f"{run} holds one snapshot, {episode}.pth") in err, err
+    # As a run stopped long before its budget of episodes: its manifest's flags say so.
+    for snapshot in run.glob("*.pth"):  # the one written as the budget ran out; a run stopped by Ctrl-C has none
+        snapshot.unlink()
+    manifest["summary"]["args"].update(steps=None, episodes=600_000)
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
     torch.save(state["policy_net"], tmp_path / "policy.pth")
     capfd.readouterr()
     played = {}

@@ -133,19 +133,26 @@ def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     assert_same_run(straight, mid_game)
 
     # A scheduler's SIGTERM may come while the trainer is still starting (Slurm sends its signal up to a minute
-    # early): during the imports, on a start and on a resume. Each is kept until the run can save, and ends with
-    # the two lines a requeue looks for.
+    # early): during the imports of a new run, and while a resume reads its checkpoint and builds its games. Each
+    # ends the start there, with the two lines a requeue looks for, and leaves nothing behind.
     early = tmp_path / "early"
-    for flags in (command, command):
-        proc = start(early, *flags)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-2000:]
-        assert out.strip().splitlines()[-2].startswith("stopped by SIGTERM at episode 0, agent step 0;"), out
-    assert "resumed from" in out
-    train(early, *command)
-    assert_same_run(straight, early)
+    proc = start(early, *command)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip().splitlines()[-2].startswith("stopped by SIGTERM while starting"), err
+    assert not early.exists()
+    files = lambda run: {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in run.rglob("*") if f.name != ".trainer.json"}
+    before = files(stopped)
+    proc = start(stopped, "--steps", "2500", "--auto-resume")
+    while json.loads((stopped / ".trainer.json").read_text())["pid"] != proc.pid:  # it holds the lock: starting
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip().splitlines()[-2].startswith("stopped by SIGTERM while starting"), err
+    assert out.strip().splitlines()[-1].strip().startswith("python train_breakout.py --checkpoints") and "Traceback" not in err
+    assert files(stopped) == before and "resumed from" not in out
 
 
 def test_ctrl_c_saves_and_resume_extends_a_finished_run(tmp_path):
