@@ -134,8 +134,8 @@ def network_to_play(path: Path) -> tuple[str, Optional[dict], Optional[str]]:
     """(what to play, its weights when they come from a full checkpoint, that run's game). A .pth is played as
     given. A run's folder plays its best.pth, else its newest snapshot, else the policy network of its newest full
     checkpoint (a young run: the first snapshot comes after --save-every episodes). A snapshot the run has not
-    reached yet says how far off it is and plays that network meanwhile; a missing one it passed is refused, with
-    the ones its folder holds. Each choice is said on stderr."""
+    reached yet says how far off it is and plays that network meanwhile; a missing one it passed, or one a finished
+    run will not write, is refused, with the ones its folder holds. Each choice is said on stderr."""
     note = lambda msg: print(msg, file=sys.stderr, flush=True)
     snapshots = lambda folder: sorted((f for f in folder.glob("*.pth") if f.stem.isdigit()), key=lambda f: int(f.stem))
     from_checkpoint = lambda found: (str(found[0]), found[1], found[2].get("env"))

@@ -1021,13 +1021,14 @@ def keep_the_folder(run: Run, session: Session) -> None:
     if not session.lock.lost():
         return
     run_dir = session.run_dir
+    what = f"{run_dir}/" if not run_dir.is_dir() else f"{session.lock.path}, the lock of {run_dir}/,"
     try:
         session.lock.retake()
     except UserError as e:
-        raise RunFailed(f"{run_dir}/ was deleted while this run trained, and it cannot be taken back ({e}); this run "
+        raise RunFailed(f"{what} was deleted while this run trained, and it cannot be taken back ({e}); this run "
                         f"ends without writing there, at agent step {run.counters.steps}") from None
-    tqdm.write(f"warning: {run_dir}/ was deleted while this run trained; it is made again, locked again and given "
-               f"a full checkpoint of this step (what was deleted with it is gone), and training goes on")
+    tqdm.write(f"warning: {what} was deleted while this run trained; the folder is locked again (made again if "
+               f"need be) and given a full checkpoint of this step (what was deleted is gone), and training goes on")
     session.log.close()
     session.log = RunLog(run_dir, METRIC_COLUMNS, None, session.writes)
     config = run_dir / "config.json"

@@ -280,15 +280,16 @@ def test_damaged_loose_files_neither_block_nor_change_a_resume(tmp_path):
     # without one field (it came back with that flag's default before): the two lines that cannot be read are
     # set aside, every other row is kept, and the checkpoint's flags resume.
     lines, junk = metrics.read_bytes().splitlines(keepends=True), b"\xff\xfe\x00 not text\n"
-    assert len(lines) >= 3  # the header, a row to keep, a row to cut
-    metrics.write_bytes(lines[0] + junk + b"".join(lines[1:])[:-7])
+    assert len(lines) >= 2  # the header and a row to keep; then the junk, and a row cut short by a full disk
+    cut = lines[-1][:-7]
+    metrics.write_bytes(b"".join(lines) + junk + cut)
     edited = json.loads(good_config)
     del edited["args"]["memory"]
     config.write_text(json.dumps(edited))
     p = train(run, "--resume", "--steps", "400")
     assert "metrics.csv: 2 lines could not be read: dropped, and kept in metrics.csv.damaged" in p.stdout
-    assert (run / "metrics.csv.damaged").read_bytes() == junk + lines[-1][:-7]
-    assert metrics.read_bytes().splitlines(keepends=True)[:len(lines) - 1] == lines[:-1]
+    assert (run / "metrics.csv.damaged").read_bytes() == junk + cut
+    assert metrics.read_bytes().splitlines(keepends=True)[:len(lines)] == lines
     assert re.search(r"--memory 300\b", p.stdout) and json.loads(config.read_text())["args"]["memory"] == 300
     assert metrics.read_text().endswith("\n") and all(r.count(",") == 10 for r in metrics.read_text().splitlines())
     # metrics.csv missing: started again with its header; config.json empty: written again from the checkpoint.
