@@ -1024,9 +1024,10 @@ def keep_the_folder(run: Run, session: Session) -> None:
     what = f"{run_dir}/" if not run_dir.is_dir() else f"{session.lock.path}, the lock of {run_dir}/,"
     try:
         session.lock.retake()
-    except UserError as e:
-        raise RunFailed(f"{what} was deleted while this run trained, and it cannot be taken back ({e}); this run "
-                        f"ends without writing there, at agent step {run.counters.steps}") from None
+    except (UserError, OSError) as e:
+        reason = e if isinstance(e, UserError) else e.strerror or e
+        raise RunFailed(f"{what} was deleted while this run trained, and it cannot be taken back ({reason}); this "
+                        f"run ends without writing there, at agent step {run.counters.steps}") from None
     tqdm.write(f"warning: {what} was deleted while this run trained; the folder is locked again (made again if "
                f"need be) and given a full checkpoint of this step (what was deleted is gone), and training goes on")
     session.log.close()
@@ -1072,21 +1073,25 @@ def finish(run: Run, session: Session) -> None:
     save_checkpoint(run, session)
     session.log.close()
     run.games.close()
-    checkpoint = say_if_not_saved(run_dir / "resume", f"{counters.steps:012d}")
+    newest = say_if_not_saved(run_dir / "resume", f"{counters.steps:012d}")  # what a resume goes on from
     if session.stop.signal is not None:  # the last two lines: a requeue (docs/clusters.md, Slurm) looks for them
         print(f"stopped by {session.stop.signal} at episode {counters.episodes}, agent step {counters.steps}"
               f"{session.functions.outcome()}; continue with:\n  "
               f"{command('train_breakout.py', '--resume', '--checkpoints', run_dir)}", flush=True)
         return
     snapshot = run_dir / f"{counters.episodes}.pth"
+    saved = newest is not None and newest.name == f"{counters.steps:012d}"  # the checkpoint of this step
     trained = (f"{counters.episodes} episodes, {counters.steps} agent steps, {counters.updates} updates in "
                f"{session.elapsed() / 60:.1f} minutes{session.functions.outcome()}")
-    if not snapshot.is_file() and checkpoint is None:  # not `done:`: a requeue must not take it for finished
-        raise RunFailed(f"{trained}, but neither the last snapshot ({snapshot.name}) nor a full checkpoint could "
-                        f"be written ({session.writes.failing.get(str(snapshot), 'see the warnings above')}); "
-                        f"free space in {run_dir}, then start it over with its flags and --auto-resume")
+    if not snapshot.is_file() and not saved:  # the trained network is nowhere: not `done:`, which a requeue trusts
+        then = (f"{command('train_breakout.py', '--resume', '--checkpoints', run_dir)} goes on from its checkpoint "
+                f"of step {int(newest.name):,}" if newest is not None else
+                "start it over with its flags and --auto-resume")
+        raise RunFailed(f"{trained}, but neither the last snapshot ({snapshot.name}) nor a full checkpoint of this "
+                        f"step could be written ({session.writes.failing.get(str(snapshot), 'see the warnings above')})"
+                        f"; free space in {run_dir}, then {then}")
     print(f"done: {trained}; " + (f"snapshot {snapshot}" if snapshot.is_file() else
-                                  f"the last snapshot could not be written: its network is in {checkpoint}, which "
+                                  f"the last snapshot could not be written: its network is in {newest}, which "
                                   f"{command('play.py', run_dir)} plays"), flush=True)
 
 

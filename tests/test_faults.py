@@ -129,10 +129,14 @@ def test_a_full_disk_loses_nothing_and_a_resume_after_freeing_space_ends_as_an_u
     rows = (run / "metrics.csv").read_text().splitlines()
     assert all(r.count(",") == 10 for r in rows), "a row of metrics.csv was cut short"
 
-    # --resume with no space free starts, says saving will fail, and ends with the same checkpoint kept.
-    p = train(run, "--resume", "--steps", str(step + 100))
+    # --resume with no space free starts and says saving will fail. It trains to its budget, but its network is
+    # saved nowhere: not `done:`, exit 1, and the line says what goes on from the checkpoint kept.
+    p = train(run, "--resume", "--steps", str(step + 100), check=False)
     assert "snapshots, logs and checkpoints that do not fit fail" in p.stdout
     assert f"--resume goes on from {newest}" in p.stdout and "Traceback" not in p.stderr
+    assert p.returncode == 1 and "done:" not in p.stdout, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].endswith(f"--resume --checkpoints {run} goes on from its checkpoint of "
+                                                      f"step {step:,}")
 
     full.free()
     train(run, "--resume", "--steps", "2000")
@@ -379,7 +383,8 @@ def test_a_run_that_could_save_nothing_fails_and_is_not_taken_for_finished(disk)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     last = (p.stdout + p.stderr).strip().splitlines()
     assert p.stderr.strip().splitlines()[-1].startswith("failed: "), p.stderr[-2000:]
-    assert "nor a full checkpoint could be written (no space left on device)" in p.stderr
+    assert "nor a full checkpoint of this step could be written (no space left on device)" in p.stderr
+    assert "then start it over with its flags and --auto-resume" in p.stderr
     # The README's Slurm script requeues on `stopped by` in the last two lines, and a finished run says `done:`.
     assert not any(line.startswith(("done:", "stopped by")) for line in last[-2:]), last[-2:]
     assert "done:" not in p.stdout and not list(run.glob("*.pth"))

@@ -142,7 +142,8 @@ def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.strip().splitlines()[-2].startswith("stopped by SIGTERM while starting"), err
     assert not early.exists()
-    files = lambda run: {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in run.rglob("*") if f.name != ".trainer.json"}
+    files = lambda run: {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in run.rglob("*")
+                         if f.name != ".trainer.json"}
     before = files(stopped)
     proc = start(stopped, "--steps", "2500", "--auto-resume")
     while json.loads((stopped / ".trainer.json").read_text())["pid"] != proc.pid:  # it holds the lock: starting
@@ -151,7 +152,8 @@ def test_stopped_and_resumed_runs_match_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.strip().splitlines()[-2].startswith("stopped by SIGTERM while starting"), err
-    assert out.strip().splitlines()[-1].strip().startswith("python train_breakout.py --checkpoints") and "Traceback" not in err
+    assert out.strip().splitlines()[-1].strip().startswith("python train_breakout.py --checkpoints")
+    assert "Traceback" not in err
     assert files(stopped) == before and "resumed from" not in out
 
 

@@ -112,10 +112,12 @@ def test_the_readmes_slurm_script_requeues_every_task_until_its_run_is_done(tmp_
         ours = [line for line in text.splitlines() if not line.startswith(("srun:", "slurmstepd"))]
         assert ours and ours[-1].startswith("done: "), text[-3000:]
         stops = re.findall(r"^stopped by SIGTERM at episode \d+, agent step (\d+)", text, re.M)
+        # Slurm's signal may come while a task starts: that start ends, writing nothing, and is requeued too.
+        starts_stopped = len(re.findall(r"^stopped by SIGTERM while starting", text, re.M))
         resumes = re.findall(r"^resumed from .*agent step (\d+)$", text, re.M)
-        assert stops and len(resumes) == len(stops), f"task {i}:\n{text[-3000:]}"
-        assert resumes == stops, f"task {i} resumed elsewhere than it stopped:\n{text[-3000:]}"
-        assert restarts.get(i, 0) == len(stops), (restarts, text[-3000:])
+        resumes = [step for k, step in enumerate(resumes) if k == 0 or step != resumes[k - 1]]  # a start stopped
+        assert stops and resumes == stops, f"task {i} resumed elsewhere than it stopped:\n{text[-3000:]}"
+        assert restarts.get(i, 0) == len(stops) + starts_stopped, (restarts, text[-3000:])
         # Each task requeues itself alone: `scontrol requeue` of the whole array would answer for every task.
         assert not re.search(r"^\d+_\d+: ", text, re.M), text[-3000:]
         assert "\r" not in text  # a log, not a progress bar's redraws

@@ -51,9 +51,9 @@ PIN_GAMES, SPARE_CORES = True, 0  # the trainer's games: one thread pinned per c
 
 
 # The most games a run may step: 64 per core, and what half the available RAM holds at GAME_BYTES a game. ale-py
-# builds its games one after another, about 90 ms each on an AMD EPYC core (BENCHMARKS.md), holding the
-# interpreter: 128 games on 2 cores start in 12 s, and 100,000 would take 2.5 hours and 150 GB.
-GAMES_PER_CORE, GAME_BYTES = 64, 2 << 20  # measured: 1.2 to 1.7 MB a game once reset
+# builds its games one after another, about 90 ms each here (benchmarks/game_build.py, BENCHMARKS.md), holding
+# the interpreter: 128 games on 2 cores start in 18 s, and 100,000 would take 2.5 hours and 150 GB.
+GAMES_PER_CORE, GAME_BYTES = 64, 2 << 20  # measured: 1.5 to 2.4 MB a game once reset
 
 
 def check_games_fit(envs: int) -> None:

@@ -2,6 +2,7 @@
 that grows by whole records and survives a full disk), and the learning figures a row reads."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -202,8 +203,10 @@ class RunLog:
                   f"{resume_step} are in the checkpoint's history, which curve.png draws)", flush=True)
             return []
         except OSError as e:
-            print(f"note: {self.path} cannot be read ({e.strerror or e}); it starts again with its header",
-                  flush=True)
+            print(f"note: {self.path} cannot be read ({e.strerror or e}); it is kept as {self.path.name}.damaged "
+                  f"and starts again", flush=True)
+            with contextlib.suppress(OSError):
+                self.path.replace(self.path.with_name(self.path.name + ".damaged"))
             return []
         kept, damaged = [], []
         for n, line in enumerate(data.splitlines(keepends=True)):
@@ -225,7 +228,8 @@ class RunLog:
             what = ("its last line was cut short" if len(damaged) == 1 and data.endswith(damaged[0])
                     and not damaged[0].endswith(b"\n") else f"{len(damaged)} lines could not be read")
             try:
-                aside.write_bytes(b"".join(damaged))
+                with open(aside, "ab") as f:  # after what an earlier resume set aside
+                    f.write(b"".join(damaged))
                 print(f"note: {self.path}: {what}: dropped, and kept in {aside.name}", flush=True)
             except OSError:
                 print(f"note: {self.path}: {what}: dropped", flush=True)
