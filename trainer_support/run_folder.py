@@ -65,9 +65,12 @@ class FolderLock:
                             f"end, or pass --checkpoints NEW_FOLDER to start another run") from None
         except (OSError, NotImplementedError) as e:
             if isinstance(e, OSError) and e.errno not in CANNOT_LOCK:
+                fix = (f"give it back read and write permission ({shlex.join(['chmod', 'u+rw', str(self.path)])})"
+                       if isinstance(e, PermissionError) else
+                       f"it is not a file a lock can be taken on; where no trainer runs, remove it "
+                       f"({shlex.join(['rm', '-r', str(self.path)])})")
                 raise UserError(f"{self.path} cannot be opened ({e.strerror or e}), so this trainer cannot tell "
-                                f"whether another one uses {self.run_dir}/: give it back read and write permission "
-                                f"({shlex.join(['chmod', 'u+rw', str(self.path)])}), or pass --checkpoints "
+                                f"whether another one uses {self.run_dir}/: {fix}, or pass --checkpoints "
                                 f"NEW_FOLDER") from None
             print(f"note: {self.run_dir}/ cannot be locked: its file system has no locks ({why_failed(e, self.path)})"
                   f"; make sure no other trainer uses it", flush=True)
