@@ -897,8 +897,8 @@ def periodic_work(run: Run, session: Session) -> None:
     """Snapshots, curve, evaluations and full checkpoints when due. An evaluation plays beside training where it
     can; a checkpoint that falls due meanwhile is taken once its result is in, so no evaluation crosses one."""
     counters = run.counters
-    if time.time() - session.folder_checked >= 1.0:
-        keep_the_folder(run, session)
+    if time.time() - session.folder_checked >= 1.0 and keep_the_folder(run, session):
+        session.checkpoint_due.next = session.seconds()  # now, or once the evaluation playing beside is in
     for episode in run.snapshots.passed(counters.episodes):
         save_episode_snapshot(run, session, episode)
     if run.curve.passed(counters.episodes):
@@ -923,6 +923,9 @@ class Evaluation(NamedTuple):
     weights: dict
 
 
+CPU = torch.device("cpu")  # where evaluations beside training play
+
+
 def start_evaluation(run: Run, session: Session) -> None:
     """--eval-games games of the policy's weights now: in the evaluations' process, or (in the loop, or where it
     cannot start) played now. Skipped while the last one still plays: waiting would stop training."""
@@ -944,9 +947,6 @@ def start_evaluation(run: Run, session: Session) -> None:
         session.evaluating = evaluation
     else:
         record_evaluation(run, session, evaluation, evaluate_weights(*settings, session.device))
-
-
-CPU = torch.device("cpu")
 
 
 def evaluate_weights(weights: dict, env_id: str, games: int, eps: float, depth: int, seed: int,
@@ -1013,13 +1013,14 @@ def save_best(session: Session) -> bool:
     return session.unsaved_best is None
 
 
-def keep_the_folder(run: Run, session: Session) -> None:
-    """A run folder deleted under the run (checked once a second, and before each checkpoint): one line, then the
-    folder is made again, locked again and given a full checkpoint of this step, and the run goes on. Where another
-    trainer has taken the folder meanwhile, this run ends without writing there (RunFailed)."""
+def keep_the_folder(run: Run, session: Session) -> bool:
+    """Whether the run's folder was deleted under the run (looked at once a second, and before each checkpoint) and
+    is taken back: one line, then the folder is made again and locked again, and its log and config.json start
+    again; the caller then has a full checkpoint written. Where another trainer has taken the folder meanwhile,
+    this run ends without writing there (RunFailed)."""
     session.folder_checked = time.time()
     if not session.lock.lost():
-        return
+        return False
     run_dir = session.run_dir
     what = f"{run_dir}/" if not run_dir.is_dir() else f"{session.lock.path}, the lock of {run_dir}/,"
     try:
@@ -1029,18 +1030,17 @@ def keep_the_folder(run: Run, session: Session) -> None:
         raise RunFailed(f"{what} was deleted while this run trained, and it cannot be taken back ({reason}); this "
                         f"run ends without writing there, at agent step {run.counters.steps}") from None
     tqdm.write(f"warning: {what} was deleted while this run trained; the folder is locked again (made again if "
-               f"need be) and given a full checkpoint of this step (what was deleted is gone), and training goes on")
+               f"need be) and given a full checkpoint (what was deleted is gone), and training goes on")
     session.log.close()
     session.log = RunLog(run_dir, METRIC_COLUMNS, None, session.writes)
     config = run_dir / "config.json"
     session.writes(config, write_json, config, session.config)
-    save_checkpoint(run, session)
+    return True
 
 
 def save_checkpoint(run: Run, session: Session) -> None:
     """resume/<step>/ from the run's state at this step (trainer_support.checkpoint), in the folder still locked."""
-    if session.lock.lost():
-        return keep_the_folder(run, session)  # which saves this checkpoint into the folder made again
+    keep_the_folder(run, session)  # a folder deleted since the last look is taken back first
     counters, config = run.counters, session.run_dir / "config.json"
     counters.seconds = session.elapsed()
     summary = dict(step=counters.steps, episode=counters.episodes, games=counters.games, updates=counters.updates,
@@ -1074,18 +1074,17 @@ def finish(run: Run, session: Session) -> None:
     session.log.close()
     run.games.close()
     newest = say_if_not_saved(run_dir / "resume", f"{counters.steps:012d}")  # what a resume goes on from
+    go_on = command("train_breakout.py", "--resume", "--checkpoints", run_dir)
     if session.stop.signal is not None:  # the last two lines: a requeue (docs/clusters.md, Slurm) looks for them
         print(f"stopped by {session.stop.signal} at episode {counters.episodes}, agent step {counters.steps}"
-              f"{session.functions.outcome()}; continue with:\n  "
-              f"{command('train_breakout.py', '--resume', '--checkpoints', run_dir)}", flush=True)
+              f"{session.functions.outcome()}; continue with:\n  {go_on}", flush=True)
         return
     snapshot = run_dir / f"{counters.episodes}.pth"
     saved = newest is not None and newest.name == f"{counters.steps:012d}"  # the checkpoint of this step
     trained = (f"{counters.episodes} episodes, {counters.steps} agent steps, {counters.updates} updates in "
                f"{session.elapsed() / 60:.1f} minutes{session.functions.outcome()}")
     if not snapshot.is_file() and not saved:  # the trained network is nowhere: not `done:`, which a requeue trusts
-        then = (f"{command('train_breakout.py', '--resume', '--checkpoints', run_dir)} goes on from its checkpoint "
-                f"of step {int(newest.name):,}" if newest is not None else
+        then = (f"{go_on} goes on from its checkpoint of step {int(newest.name):,}" if newest is not None else
                 "start it over with its flags and --auto-resume")
         raise RunFailed(f"{trained}, but neither the last snapshot ({snapshot.name}) nor a full checkpoint of this "
                         f"step could be written ({session.writes.failing.get(str(snapshot), 'see the warnings above')})"
